@@ -1,0 +1,173 @@
+"""Validate incoming transactions against the model's contract, and score them.
+
+This module knows nothing of the training code: everything it checks comes from the
+contract.json that travelled inside the Bento with the model.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
+
+EXAMPLE_ROWS = 5
+
+
+class RequestError(ValueError):
+    """A request broke a rule. Carries the HTTP status and a JSON-ready body."""
+
+    def __init__(
+        self,
+        status: int,
+        rule: str,
+        message: str,
+        column: str | None = None,
+        rows: list[int] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body: dict[str, Any] = {"error": message, "rule": rule}
+        if column is not None:
+            self.body["column"] = column
+        if rows:
+            self.body["rows"] = rows
+
+
+def _first_rows(mask: np.ndarray) -> list[int]:
+    """0-based positions of the first offending rows, as the client sent them."""
+    return [int(i) for i in np.flatnonzero(mask)[:EXAMPLE_ROWS]]
+
+
+def read_upload(data: bytes, filename: str | None) -> pd.DataFrame:
+    """Parse an uploaded CSV (quoted headers as in the real creditcard.csv) or Parquet."""
+    if not data:
+        raise RequestError(400, "empty-file", "the uploaded file is empty")
+    is_parquet = data[:4] == b"PAR1" or (filename or "").lower().endswith((".parquet", ".pq"))
+    try:
+        if is_parquet:
+            return pq.read_table(io.BytesIO(data)).to_pandas()
+        if b"\x00" in data[:4096]:
+            raise RequestError(415, "file-type", "the file is neither CSV nor Parquet")
+        table = pa_csv.read_csv(io.BytesIO(data))
+    except (pa.ArrowInvalid, pa.ArrowException) as exc:
+        kind = "Parquet" if is_parquet else "CSV"
+        # Arrow quotes the offending line's content; keep only its description.
+        reason = str(exc).split(": ", 1)[0] if not is_parquet else "not a valid Parquet file"
+        raise RequestError(400, "parse", f"could not parse the {kind} file: {reason}") from None
+    return table.to_pandas()
+
+
+def validate(
+    frame: pd.DataFrame,
+    contract: dict[str, Any],
+    unknown_columns: str = "ignore",
+    max_rows: int | None = None,
+) -> pd.DataFrame:
+    """Return the model's input (contract columns, float64) or raise RequestError."""
+    if len(frame) == 0:
+        raise RequestError(400, "empty-batch", "the batch has no transactions")
+    if max_rows is not None and len(frame) > max_rows:
+        raise RequestError(
+            413, "max-rows", f"the batch has {len(frame)} rows; the limit is {max_rows} per request"
+        )
+    features = contract["features"]
+    names = [f["name"] for f in features]
+    missing = [n for n in names if n not in frame.columns]
+    if missing:
+        raise RequestError(
+            400,
+            "missing-columns",
+            f"required columns are missing: {', '.join(missing)}",
+            column=missing[0],
+        )
+    unknown = [
+        str(c)
+        for c in frame.columns
+        if c not in names and c not in contract.get("ignored_columns", [])
+    ]
+    if unknown and unknown_columns == "reject":
+        raise RequestError(
+            400,
+            "unknown-columns",
+            f"columns not in the model's contract: {', '.join(unknown)}",
+            column=unknown[0],
+        )
+    out = {}
+    for spec in features:
+        name = spec["name"]
+        raw = frame[name]
+        values = (
+            pd.to_numeric(raw, errors="coerce")
+            if raw.dtype == object or not pd.api.types.is_numeric_dtype(raw)
+            else raw
+        )
+        array = np.asarray(values, dtype="float64")
+        nan = np.isnan(array)
+        if nan.any():
+            not_number = nan & raw.notna().to_numpy()
+            if not_number.any():
+                raise RequestError(
+                    400,
+                    "numeric",
+                    f"'{name}' must be a number",
+                    column=name,
+                    rows=_first_rows(not_number),
+                )
+            raise RequestError(
+                400,
+                "missing-values",
+                f"'{name}' is empty or null",
+                column=name,
+                rows=_first_rows(nan),
+            )
+        if np.isinf(array).any():
+            raise RequestError(
+                400,
+                "finite",
+                f"'{name}' must be finite",
+                column=name,
+                rows=_first_rows(np.isinf(array)),
+            )
+        low, high = spec.get("valid_min"), spec.get("valid_max")
+        outside = np.zeros(len(array), bool)
+        if low is not None:
+            outside |= array < low
+        if high is not None:
+            outside |= array > high
+        if outside.any():
+            bounds = (
+                f"[{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
+            )
+            raise RequestError(
+                422,
+                "range",
+                f"'{name}' is outside the model's valid range {bounds}",
+                column=name,
+                rows=_first_rows(outside),
+            )
+        out[name] = array
+    return pd.DataFrame(out, columns=names)
+
+
+def risk_band(probabilities: np.ndarray, bands: list[dict[str, Any]]) -> np.ndarray:
+    edges = np.asarray([b["min"] for b in bands[1:]])
+    names = np.asarray([b["name"] for b in bands])
+    return names[np.searchsorted(edges, probabilities, side="right")]
+
+
+def score(
+    model: Any, features: pd.DataFrame, threshold: float, bands: list[dict[str, Any]]
+) -> pd.DataFrame:
+    probability = model.predict_proba(features)[:, 1]
+    return pd.DataFrame(
+        {
+            "fraud_probability": probability,
+            "is_fraud": probability >= threshold,
+            "risk_band": risk_band(probability, bands),
+        }
+    )

@@ -1,0 +1,210 @@
+"""fraud_scoring: batch fraud scoring over HTTP with BentoML.
+
+The model and its contract (features, valid ranges, threshold, reference distributions,
+lineage) come from the BentoML model bound at build time; nothing here imports the
+training code.
+"""
+
+from __future__ import annotations
+
+import hmac
+import io
+import json
+import logging
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Annotated, Any
+
+import bentoml
+import joblib
+import numpy as np
+import pandas as pd
+from bentoml.validators import ContentType
+from scoring import RequestError, read_upload, score, validate
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+import metrics
+
+log = logging.getLogger("fraud_scoring")
+
+MODEL_TAG = os.environ.get("FRAUD_MODEL_TAG", "fraud_model:latest")
+MAX_ROWS = int(os.environ.get("FRAUD_MAX_ROWS", "300000"))
+MAX_JSON_ROWS = int(os.environ.get("FRAUD_MAX_JSON_ROWS", "20000"))
+MAX_BYTES = int(os.environ.get("FRAUD_MAX_BYTES", str(200 * 1024 * 1024)))
+UNKNOWN_COLUMNS = os.environ.get("FRAUD_UNKNOWN_COLUMNS", "ignore")  # or "reject"
+
+MODEL = bentoml.models.BentoModel(MODEL_TAG)
+STORED_MODEL = MODEL.resolve()
+CONTRACT: dict[str, Any] = json.loads(Path(STORED_MODEL.path_of("contract.json")).read_text())
+LINEAGE = CONTRACT["lineage"]
+metrics.set_model_info(LINEAGE, str(STORED_MODEL.tag))
+
+
+def _api_key() -> str | None:
+    return os.environ.get("FRAUD_API_KEY") or None
+
+
+def _authorized(headers: Any) -> bool:
+    key = _api_key()
+    if key is None:
+        return True
+    sent = headers.get("authorization", "")
+    scheme, _, token = sent.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.encode(), key.encode())
+
+
+def _contract_view() -> dict[str, Any]:
+    limits = {
+        "max_rows_per_request": MAX_ROWS,
+        "max_json_rows_per_request": MAX_JSON_ROWS,
+        "max_payload_bytes": MAX_BYTES,
+        "unknown_columns": UNKNOWN_COLUMNS,
+    }
+    public = {k: v for k, v in CONTRACT.items() if k != "reference"}
+    return {**public, "model_tag": str(STORED_MODEL.tag), "limits": limits}
+
+
+async def _schema(request: Request) -> Response:
+    return JSONResponse(_contract_view())
+
+
+schema_app = Starlette(routes=[Route("/", _schema, methods=["GET"])])
+
+
+@bentoml.asgi_app(schema_app, path="/schema")
+@bentoml.service(
+    name="fraud_scoring",
+    # A 300k-row file takes ~2 s to parse, validate and score on one core; 120 s leaves
+    # room for slow uploads. Eight requests in flight keep both cores busy while bounding
+    # memory (a max-size batch holds ~0.5 GB while it is scored).
+    traffic={"timeout": 120, "max_concurrency": 8},
+    http={"host": "127.0.0.1", "port": 3000},
+)
+class FraudScoring:
+    # Declared on the class so that `bentoml build` packs this model into the Bento.
+    model_ref = MODEL
+
+    def __init__(self) -> None:
+        self.model = joblib.load(self.model_ref.path_of("model.joblib"))
+        self.threshold = float(CONTRACT["threshold"])
+        self.bands = CONTRACT["risk_bands"]
+
+    def _reject(self, ctx: bentoml.Context, exc: RequestError, request_id: str) -> Response:
+        metrics.VALIDATION_FAILURES.labels(reason=exc.body["rule"]).inc()
+        ctx.response.status_code = exc.status
+        log.info("request %s rejected: %s (%s)", request_id, exc.body["rule"], exc.status)
+        return JSONResponse({**exc.body, "request_id": request_id}, status_code=exc.status)
+
+    def _check_threshold(self, threshold: float | None) -> float:
+        if threshold is None:
+            return self.threshold
+        if not (isinstance(threshold, int | float) and 0.0 <= threshold <= 1.0):
+            raise RequestError(
+                400, "threshold", "threshold must be a number in [0, 1]", column="threshold"
+            )
+        return float(threshold)
+
+    def _score(self, frame: pd.DataFrame, threshold: float, max_rows: int) -> pd.DataFrame:
+        features = validate(frame, CONTRACT, UNKNOWN_COLUMNS, max_rows=max_rows)
+        start = time.perf_counter()
+        scored = score(self.model, features, threshold, self.bands)
+        metrics.observe_batch(
+            len(features),
+            time.perf_counter() - start,
+            scored["fraud_probability"].to_numpy(),
+            int(scored["is_fraud"].sum()),
+        )
+        return scored
+
+    def _meta(self, threshold: float, request_id: str) -> dict[str, Any]:
+        return {
+            "threshold": threshold,
+            "model_version": LINEAGE["model_version"],
+            "model_tag": str(STORED_MODEL.tag),
+            "request_id": request_id,
+            "lineage": {
+                k: LINEAGE[k]
+                for k in ("registered_model", "mlflow_run_id", "data_md5", "git_commit")
+            },
+        }
+
+    @bentoml.api(route="/predict")
+    def predict(
+        self,
+        transactions: list[dict[str, Any]],
+        ctx: bentoml.Context,
+        threshold: float | None = None,
+    ) -> dict[str, Any]:
+        """Score a JSON batch: one result per transaction, in input order."""
+        request_id = uuid.uuid4().hex[:12]
+        if not _authorized(ctx.request.headers):
+            return self._reject(
+                ctx, RequestError(401, "auth", "missing or wrong API key"), request_id
+            )
+        try:
+            cut = self._check_threshold(threshold)
+            if len(transactions) > MAX_JSON_ROWS:
+                raise RequestError(
+                    413,
+                    "max-rows",
+                    f"the batch has {len(transactions)} rows; "
+                    f"the JSON limit is {MAX_JSON_ROWS} (use /predict_file)",
+                )
+            if any(not isinstance(t, dict) for t in transactions):
+                raise RequestError(400, "record", "each transaction must be a JSON object")
+            scored = self._score(pd.DataFrame.from_records(transactions), cut, MAX_JSON_ROWS)
+        except RequestError as exc:
+            return self._reject(ctx, exc, request_id)
+        log.info("request %s scored %d rows", request_id, len(scored))
+        return {"predictions": scored.to_dict(orient="records"), **self._meta(cut, request_id)}
+
+    @bentoml.api(route="/predict_file")
+    def predict_file(
+        self,
+        file: Path,
+        ctx: bentoml.Context,
+        output_format: str = "csv",
+        threshold: float | None = None,
+    ) -> Annotated[Path, ContentType("text/csv")]:
+        """Score an uploaded CSV or Parquet file; return it with the score columns added."""
+        request_id = uuid.uuid4().hex[:12]
+        if not _authorized(ctx.request.headers):
+            return self._reject(
+                ctx, RequestError(401, "auth", "missing or wrong API key"), request_id
+            )
+        try:
+            cut = self._check_threshold(threshold)
+            if output_format not in ("csv", "parquet"):
+                raise RequestError(400, "output-format", "output_format must be csv or parquet")
+            size = os.path.getsize(file)
+            if size > MAX_BYTES:
+                raise RequestError(
+                    413, "max-bytes", f"the file has {size} bytes; the limit is {MAX_BYTES}"
+                )
+            frame = read_upload(Path(file).read_bytes(), getattr(file, "name", None))
+            scored = self._score(frame, cut, MAX_ROWS)
+        except RequestError as exc:
+            return self._reject(ctx, exc, request_id)
+        result = pd.concat([frame.reset_index(drop=True), scored], axis=1)
+        buffer = io.BytesIO()
+        if output_format == "parquet":
+            result.to_parquet(buffer, index=False)
+            media = "application/vnd.apache.parquet"
+        else:
+            result.to_csv(buffer, index=False)
+            media = "text/csv"
+        log.info("request %s scored a %d-row file", request_id, len(result))
+        ctx.response.status_code = 200
+        headers = {
+            "X-Request-Id": request_id,
+            "X-Model-Version": str(LINEAGE["model_version"]),
+            "X-Threshold": repr(cut),
+            "X-Rows": str(len(result)),
+            "X-Flagged": str(int(np.sum(scored["is_fraud"]))),
+        }
+        return Response(buffer.getvalue(), media_type=media, headers=headers)

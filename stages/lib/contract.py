@@ -1,0 +1,113 @@
+"""The contract a model travels with: what serving validates against and monitors with."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from stages.lib.schema import FEATURES, TARGET
+
+CONTRACT_VERSION = 1
+# Probabilities of fraud crowd near 0, so drift bins are log-spaced there.
+SCORE_EDGES = (0.0, 1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 0.6, 1.0)
+NON_NEGATIVE = ("Time", "Amount")
+
+
+def feature_ranges(train: pd.DataFrame, margin: float) -> list[dict[str, Any]]:
+    """Per feature: dtype, the range seen in training, and the range serving accepts
+    (the training range widened by `margin` times its span on each side; never below 0
+    for Time and Amount, and no upper bound on Time, which only grows)."""
+    out = []
+    for name in FEATURES:
+        lo, hi = float(train[name].min()), float(train[name].max())
+        span = hi - lo
+        valid_min = 0.0 if name in NON_NEGATIVE else lo - margin * span
+        out.append(
+            {
+                "name": name,
+                "dtype": "float64",
+                "train_min": lo,
+                "train_max": hi,
+                "valid_min": valid_min,
+                "valid_max": None if name == "Time" else hi + margin * span,
+            }
+        )
+    return out
+
+
+def _fractions(values: np.ndarray, edges: np.ndarray) -> list[float]:
+    counts = np.histogram(np.clip(values, edges[0], edges[-1]), bins=edges)[0]
+    return (counts / max(1, counts.sum())).tolist()
+
+
+def reference_distributions(
+    frame: pd.DataFrame, scores: np.ndarray, drift_features: list[str]
+) -> dict[str, Any]:
+    """Binned distributions from held-out data, for PSI drift checks in serving."""
+    score_edges = np.asarray(SCORE_EDGES)
+    features = {}
+    for name in drift_features:
+        # Deciles of the reference, open-ended at both sides so live values always land.
+        inner = np.unique(np.quantile(frame[name], np.linspace(0.1, 0.9, 9)))
+        edges = np.r_[-np.inf, inner, np.inf]
+        counts = np.histogram(frame[name], bins=edges)[0]
+        features[name] = {
+            "edges": [None, *inner.tolist(), None],
+            "fractions": (counts / counts.sum()).tolist(),
+        }
+    return {
+        "rows": len(frame),
+        "fraud_rate": float(frame[TARGET].mean()),
+        "score": {
+            "edges": list(SCORE_EDGES),
+            "fractions": _fractions(scores, score_edges),
+            "mean": float(scores.mean()),
+        },
+        "features": features,
+    }
+
+
+def risk_bands(threshold: float) -> list[dict[str, Any]]:
+    """Lower edges of named bands of fraud probability, anchored on the decision threshold."""
+    return [
+        {"name": "low", "min": 0.0},
+        {"name": "elevated", "min": threshold / 4},
+        {"name": "high", "min": threshold},
+        {"name": "critical", "min": max(0.9, threshold)},
+    ]
+
+
+def build_contract(
+    train: pd.DataFrame,
+    reference: pd.DataFrame,
+    reference_scores: np.ndarray,
+    registry: dict[str, Any],
+    metrics: dict[str, Any],
+    lineage: dict[str, Any],
+    package_params: dict[str, Any],
+) -> dict[str, Any]:
+    threshold = float(registry["threshold"])
+    return {
+        "contract_version": CONTRACT_VERSION,
+        "features": feature_ranges(train, float(package_params["range_margin"])),
+        "ignored_columns": [TARGET],
+        "output": {
+            "fraud_probability": "calibrated P(fraud) from predict_proba",
+            "is_fraud": "fraud_probability >= threshold",
+        },
+        "threshold": threshold,
+        "costs": {
+            "cost_missed_fraud": registry["cost_missed_fraud"],
+            "cost_false_alarm": registry["cost_false_alarm"],
+        },
+        "risk_bands": risk_bands(threshold),
+        "reference": reference_distributions(
+            reference, reference_scores, list(package_params["drift_features"])
+        ),
+        "test_metrics": {
+            k: metrics[k] for k in ("average_precision", "roc_auc", "brier", "precision", "recall")
+        },
+        "lineage": lineage,
+    }

@@ -1,0 +1,54 @@
+"""split: train / validation / test, by time (the honest fraud protocol) or stratified."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pandas as pd
+
+from stages.lib.project import atomic_path, load_params, setup_logging, stage_timer, write_json
+from stages.lib.splitting import split_frame
+
+log = logging.getLogger("fraudops.split")
+INPUT = Path("data/prepared/transactions.parquet")
+OUT_DIR = Path("data/split")
+REPORT = Path("metrics/split.json")
+
+
+def main() -> None:
+    setup_logging()
+    cfg = load_params()["split"]
+    with stage_timer("split"):
+        frame = pd.read_parquet(INPUT)
+        parts = split_frame(
+            frame,
+            strategy=cfg["strategy"],
+            valid_size=float(cfg["valid_size"]),
+            test_size=float(cfg["test_size"]),
+            seed=int(cfg["seed"]),
+        )
+        report = {}
+        for name, part in parts.items():
+            with atomic_path(OUT_DIR / f"{name}.parquet") as tmp:
+                part.to_parquet(tmp, index=False)
+            frauds = int(part["Class"].sum())
+            report[name] = {
+                "rows": len(part),
+                "frauds": frauds,
+                "fraud_rate": frauds / len(part),
+                "time_min": float(part["Time"].min()),
+                "time_max": float(part["Time"].max()),
+            }
+            log.info(
+                "%-5s %7d rows, %4d frauds (%.3f%%)",
+                name,
+                len(part),
+                frauds,
+                100 * frauds / len(part),
+            )
+        write_json(REPORT, report)
+
+
+if __name__ == "__main__":
+    main()
