@@ -67,7 +67,7 @@ def main() -> None:
     import mlflow
 
     from stages.lib.registry import register_and_promote
-    from stages.lib.tracking import resume_run
+    from stages.lib.tracking import flatten, resume_run
 
     params = load_params()
     cfg = params["evaluate"]
@@ -106,10 +106,9 @@ def main() -> None:
 
         with resume_run(run_id):
             mlflow.log_metrics({f"test_{k}": v for k, v in metrics.items()})
-            mlflow.log_params(
-                {f"evaluate.{k}": v for k, v in cfg.items() if k != "gate"}
-                | {f"evaluate.gate.{k}": v for k, v in cfg["gate"].items()}
-            )
+            # Tags, not params: evaluate may run again on the same training run with other
+            # costs or gates, and MLflow params are write-once.
+            mlflow.set_tags({f"evaluate.{k}": v for k, v in flatten(cfg).items()})
             try:
                 check_gate(metrics, cfg["gate"])
             except QualityGateError as exc:

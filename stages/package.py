@@ -94,9 +94,7 @@ def main() -> None:
         )
         log.info("bento built: %s", bento.tag)
         with atomic_path(BENTO_ARCHIVE) as tmp:
-            exported = bentoml.bentos.export_bento(
-                bento.tag, str(tmp.resolve()), output_format="gz"
-            )
+            exported = bentoml.bentos.export_bento(bento.tag, str(tmp.resolve()))
             os.replace(exported, tmp)
         write_json(CONTRACT, contract)
         write_json(

@@ -99,7 +99,7 @@ def score_metrics(
 
 
 def _thin(*columns: np.ndarray) -> list[np.ndarray]:
-    step = max(1, len(columns[0]) // MAX_CURVE_POINTS)
+    step = max(1, -(-len(columns[0]) // MAX_CURVE_POINTS))  # ceil
     keep = np.r_[np.arange(0, len(columns[0]), step), len(columns[0]) - 1]
     return [np.asarray(c)[np.unique(keep)] for c in columns]
 

@@ -96,7 +96,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temp path beside `path`; rename it into place only if the block succeeds."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    # Keep the suffix: some writers pick the format from it.
+    tmp = target.with_name(f".{target.stem}.tmp-{os.getpid()}{target.suffix}")
     try:
         yield tmp
         os.replace(tmp, target)
