@@ -43,13 +43,18 @@ def wait_until_ready(url: str, process: subprocess.Popen, timeout: float = 90.0)
     raise TimeoutError(f"{url} did not answer within {timeout} s")
 
 
-def start_bento(bento_tag: str, env: dict[str, str], log_path: Path) -> tuple[subprocess.Popen, str]:
+def start_bento(
+    bento_tag: str, env: dict[str, str], log_path: Path
+) -> tuple[subprocess.Popen, str]:
     """`bentoml serve` the tag on a free loopback port; return the process and base URL."""
     port = free_port()
     log = open(log_path, "w")
     process = subprocess.Popen(
         [str(BIN / "bentoml"), "serve", bento_tag, "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
     try:

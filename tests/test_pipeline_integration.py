@@ -23,13 +23,14 @@ from .conftest import BIN, ROOT, start_bento, stop
 pytestmark = pytest.mark.integration
 
 
-def _run(args: list[str], cwd: Path, env: dict[str, str], check: bool = True,
-         timeout: int = 600) -> subprocess.CompletedProcess:
-    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True,
-                            timeout=timeout)
+def _run(
+    args: list[str], cwd: Path, env: dict[str, str], check: bool = True, timeout: int = 600
+) -> subprocess.CompletedProcess:
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} failed:\n{result.stdout[-4000:]}\n"
-                             f"{result.stderr[-4000:]}")
+        raise AssertionError(
+            f"{' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+        )
     return result
 
 
@@ -49,20 +50,33 @@ def _set_params(workspace: Path, **changes: object) -> None:
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
     base = tmp_path_factory.mktemp("pipeline")
     ws = base / "repo"
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT,
-                           capture_output=True, text=True, check=True).stdout.split()
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     for name in files:
         if (ROOT / name).is_file():
             (ws / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, ws / name)
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}",
-           "MLFLOW_TRACKING_URI": f"sqlite:///{base / 'mlflow.db'}",
-           "BENTOML_HOME": str(base / "bentoml_home"), "DVC_NO_ANALYTICS": "1"}
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}:{os.environ['PATH']}",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{base / 'mlflow.db'}",
+        "BENTOML_HOME": str(base / "bentoml_home"),
+        "DVC_NO_ANALYTICS": "1",
+    }
     env.pop("DVC_ROOT", None)
-    _set_params(ws, data__synthetic__rows=30_000, data__synthetic__fraud_rate=0.01,
-                train__hgb__max_iter=60)
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
-                ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"]):
+    _set_params(
+        ws, data__synthetic__rows=30_000, data__synthetic__fraud_rate=0.01, train__hgb__max_iter=60
+    )
+    for cmd in (
+        ["git", "init", "-q"],
+        ["git", "add", "-A"],
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"],
+    ):
         _run(cmd, ws, env)
     _run(["dvc", "repro"], ws, env)
     return ws, env
@@ -74,9 +88,16 @@ def _ran(output: str) -> list[str]:
 
 def test_repro_builds_every_output(workspace) -> None:
     ws, env = workspace
-    for out in ("data/prepared/transactions.parquet", "data/split/train.parquet",
-                "models/model.joblib", "models/fraud_scoring.bento", "models/contract.json",
-                "plots/pr_curve.json", "plots/confusion.csv", "metrics/evaluate.json"):
+    for out in (
+        "data/prepared/transactions.parquet",
+        "data/split/train.parquet",
+        "models/model.joblib",
+        "models/fraud_scoring.bento",
+        "models/contract.json",
+        "plots/pr_curve.json",
+        "plots/confusion.csv",
+        "metrics/evaluate.json",
+    ):
         assert (ws / out).is_file(), out
     metrics = json.loads((ws / "metrics/evaluate.json").read_text())
     assert 0.3 < metrics["average_precision"] < 1.0 and metrics["roc_auc"] > 0.85
@@ -107,7 +128,8 @@ def test_mlflow_run_and_registry(workspace) -> None:
     run = client.get_run(registry["run_id"])
     assert run.data.params["train.model"] == "hgb"
     assert run.data.metrics["test_average_precision"] == pytest.approx(
-        json.loads((ws / "metrics/evaluate.json").read_text())["average_precision"])
+        json.loads((ws / "metrics/evaluate.json").read_text())["average_precision"]
+    )
     assert run.data.tags["quality_gate"] == "passed" and "train_data_md5" in run.data.tags
     champion = client.get_model_version_by_alias("fraud-detector", "champion")
     assert champion.run_id == registry["run_id"]
@@ -145,8 +167,9 @@ def test_bento_loads_and_scores(workspace, tmp_path: Path) -> None:
     process, url = start_bento(tag, env, tmp_path / "serve.log")
     try:
         rows = pd.read_parquet(ws / "data/split/test.parquet").head(50)
-        response = requests.post(f"{url}/predict", timeout=30,
-                                 json={"transactions": rows.to_dict(orient="records")})
+        response = requests.post(
+            f"{url}/predict", timeout=30, json={"transactions": rows.to_dict(orient="records")}
+        )
         assert response.status_code == 200, response.text
         body = response.json()
         served = [p["fraud_probability"] for p in body["predictions"]]
@@ -181,12 +204,18 @@ def test_experiment_sweep_logs_to_mlflow(workspace) -> None:
     _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "step"], ws, env)
     _run(["dvc", "exp", "run", "-n", "lr-sweep", "-S", "train.model=logreg"], ws, env)
     shown = json.loads(_run(["dvc", "exp", "show", "--json"], ws, env).stdout)
-    names = {exp.get("name") for entry in shown for exp in (entry.get("experiments") or [])
-             for exp in [exp.get("revs", [{}])[0]] if exp}
+    names = {
+        exp.get("name")
+        for entry in shown
+        for exp in (entry.get("experiments") or [])
+        for exp in [exp.get("revs", [{}])[0]]
+        if exp
+    }
     assert "lr-sweep" in names, shown
     import mlflow
 
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
-    runs = mlflow.search_runs(experiment_names=["fraudops"],
-                              filter_string="tags.dvc_exp_name = 'lr-sweep'")
+    runs = mlflow.search_runs(
+        experiment_names=["fraudops"], filter_string="tags.dvc_exp_name = 'lr-sweep'"
+    )
     assert len(runs) == 1 and runs.iloc[0]["params.train.model"] == "logreg"

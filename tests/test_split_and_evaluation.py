@@ -8,7 +8,12 @@ import pytest
 
 from stages.evaluate import QualityGateError, check_gate
 from stages.lib.evaluation import (
-    choose_threshold, cost_by_threshold, plot_data, precision_at_k, recall_at_fpr, score_metrics,
+    choose_threshold,
+    cost_by_threshold,
+    plot_data,
+    precision_at_k,
+    recall_at_fpr,
+    score_metrics,
 )
 from stages.lib.splitting import split_frame
 from stages.lib.synthetic import generate
@@ -78,8 +83,14 @@ def test_plot_data_shapes() -> None:
     y = (rng.random(5000) < 0.05).astype(int)
     p = np.clip(y * 0.5 + rng.random(5000) * 0.5, 0, 1)
     plots = plot_data(y, p, 0.5, y, p, 100, 5)
-    assert set(plots) == {"pr_curve", "roc", "calibration", "score_histogram",
-                          "cost_vs_threshold", "confusion"}
+    assert set(plots) == {
+        "pr_curve",
+        "roc",
+        "calibration",
+        "score_histogram",
+        "cost_vs_threshold",
+        "confusion",
+    }
     assert len(plots["confusion"]) == 5000
     assert all(len(v) <= 402 for k, v in plots.items() if k != "confusion")
     assert sum(r["fraud_share"] for r in plots["score_histogram"]) == pytest.approx(1.0)

@@ -65,8 +65,9 @@ def _broken(good: pd.DataFrame, column: str, rows: list[int], value: object) -> 
         ("Class", 2, "binary-label"),
     ],
 )
-def test_rule_names_column_and_rows(good: pd.DataFrame, column: str, value: object,
-                                    rule: str) -> None:
+def test_rule_names_column_and_rows(
+    good: pd.DataFrame, column: str, value: object, rule: str
+) -> None:
     with pytest.raises(DataValidationError) as err:
         validate(_broken(good, column, [3, 10], value))
     assert err.value.rule == rule and err.value.column == column
@@ -114,15 +115,23 @@ def _run_prepare(workspace: Path, source: str) -> subprocess.CompletedProcess:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["data"]["source"] = source
     (workspace / "params.yaml").write_text(yaml.safe_dump(params))
-    return subprocess.run([sys.executable, "-m", "stages.prepare"], cwd=workspace,
-                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "stages.prepare"],
+        cwd=workspace,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 @pytest.mark.parametrize(
     ("edit", "expected"),
     [
-        (lambda t: t.replace('"Amount"', '"Amt"', 1), "[missing-columns] required columns absent: Amount"),
+        (
+            lambda t: t.replace('"Amount"', '"Amt"', 1),
+            "[missing-columns] required columns absent: Amount",
+        ),
         (lambda t: t.replace('"1"', '"7"', 1), "[binary-label] column 'Class'"),
         (lambda t: t.split("\n")[0] + "\n", "[empty]"),
     ],
@@ -136,7 +145,8 @@ def test_prepare_stage_fails_cleanly(tmp_path: Path, edit, expected: str) -> Non
     assert expected in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "data" / "prepared").exists() or not any(
-        (tmp_path / "data" / "prepared").iterdir())
+        (tmp_path / "data" / "prepared").iterdir()
+    )
     assert not (tmp_path / "metrics" / "prepare.json").exists()
 
 
