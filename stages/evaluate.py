@@ -77,7 +77,8 @@ def main() -> None:
     }
     with stage_timer("evaluate"):
         model = joblib.load(MODEL)
-        run_id = json.loads(RUN_INFO.read_text())["run_id"]
+        run_info = json.loads(RUN_INFO.read_text())
+        run_id = run_info["run_id"]
         valid = pd.read_parquet(SPLIT_DIR / "valid.parquet")
         test = pd.read_parquet(SPLIT_DIR / "test.parquet")
         valid_y, test_y = valid[TARGET].to_numpy(), test[TARGET].to_numpy()
@@ -120,7 +121,7 @@ def main() -> None:
             write_plots(plots)
             mlflow.log_artifacts(str(PLOTS_DIR), artifact_path="plots")
             registry = register_and_promote(
-                f"runs:/{run_id}/model",
+                run_info["model_uri"],
                 cfg["registered_model"],
                 candidate_score=metrics["average_precision"],
                 score_champion=lambda champion: score_metrics(

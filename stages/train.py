@@ -75,7 +75,7 @@ def main() -> None:
                 }
             )
             example = valid[list(FEATURES)].head(5)
-            mlflow.sklearn.log_model(
+            logged = mlflow.sklearn.log_model(
                 model,
                 name="model",
                 input_example=example,
@@ -95,7 +95,7 @@ def main() -> None:
             RUN_INFO,
             {
                 "run_id": run_id,
-                "model_uri": f"runs:/{run_id}/model",
+                "model_uri": logged.model_uri,
                 "model": cfg["model"],
                 "fit_seconds": round(fit_seconds, 3),
             },

@@ -22,8 +22,12 @@ _EXP_SCRATCH = os.sep + os.path.join(".dvc", "tmp", "exps") + os.sep
 
 
 def workspace_root() -> Path:
-    """The directory holding dvc.yaml for this run (a scratch copy for queued experiments)."""
-    return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
+    """The directory holding dvc.yaml for this run (a scratch copy for queued experiments).
+
+    DVC runs every stage from there; DVC_ROOT is not used, since under a queued
+    experiment it names the user's checkout rather than the copy with the overrides.
+    """
+    return Path.cwd().resolve()
 
 
 def project_root() -> Path:
