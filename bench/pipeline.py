@@ -1,0 +1,97 @@
+"""Benchmark: wall time and peak memory of each pipeline stage on the default data.
+
+Runs in a scratch copy of the project with its own MLflow store and BentoML home, so the
+user's stores are untouched. Each stage runs as `dvc repro -s <stage>` (DVC's own
+overhead included); peak memory is the largest resident set of that command and its
+children (wait4's rusage). Then a no-op `dvc repro`. Writes bench/results/pipeline.md
+and .json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+RESULTS = ROOT / "bench" / "results"
+GOALS = {"pipeline_s": 60.0, "noop_s": 2.0, "peak_mb": 2048.0}
+
+
+def timed(args: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, float]:
+    """(wall seconds, peak RSS MB) of a command and everything it waited for."""
+    start = time.perf_counter()
+    process = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{' '.join(args)} failed:\n{process.stderr.read().decode()[-3000:]}")
+    return wall, usage.ru_maxrss / 1024
+
+
+def copy_project(dest: Path) -> None:
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split()
+    for name in files:
+        if (ROOT / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, dest / name)
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
+                ["git", "-c", "user.name=bench", "-c", "user.email=b@b", "commit", "-qm", "b"]):
+        subprocess.run(cmd, cwd=dest, check=True, capture_output=True)
+
+
+def main() -> None:
+    stages = list(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    with tempfile.TemporaryDirectory(prefix="fraudops-bench-") as scratch:
+        base = Path(scratch)
+        ws = base / "repo"
+        copy_project(ws)
+        env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
+               "MLFLOW_TRACKING_URI": f"sqlite:///{base / 'mlflow.db'}",
+               "BENTOML_HOME": str(base / "bentoml_home"), "MLFLOW_DISABLE_TELEMETRY": "true",
+               "BENTOML_DO_NOT_TRACK": "true"}
+        rows = []
+        for stage in stages:
+            wall, peak = timed([str(BIN / "dvc"), "repro", "-s", stage], ws, env)
+            rows.append({"stage": stage, "wall_s": round(wall, 2), "peak_mb": round(peak)})
+            print(f"{stage:10s} {wall:6.1f} s {peak:7.0f} MB", flush=True)
+        noop = [timed([str(BIN / "dvc"), "repro"], ws, env) for _ in range(3)]
+    total = sum(r["wall_s"] for r in rows)
+    peak = max(r["peak_mb"] for r in rows)
+    noop_s = min(w for w, _ in noop)
+    result = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "rows": params["data"]["synthetic"]["rows"] if params["data"]["source"] == "synthetic"
+        else params["data"]["source"],
+        "model": params["train"]["model"],
+        "stages": rows, "pipeline_s": round(total, 1), "peak_mb": peak,
+        "noop_repro_s": round(noop_s, 2), "goals": GOALS,
+    }
+    lines = [
+        f"Pipeline benchmark ({result['machine']}; {result['rows']} rows, model {result['model']})",
+        "", "| stage | wall (s) | peak memory (MB) |", "|---|---:|---:|",
+        *[f"| {r['stage']} | {r['wall_s']:.1f} | {r['peak_mb']} |" for r in rows],
+        f"| **whole pipeline** | **{total:.1f}** (goal < {GOALS['pipeline_s']:.0f}) | "
+        f"**{peak}** (goal < {GOALS['peak_mb']:.0f}) |",
+        f"| no-op `dvc repro` (best of 3) | {noop_s:.2f} (goal < {GOALS['noop_s']:.0f}) | |",
+    ]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "pipeline.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / "pipeline.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
