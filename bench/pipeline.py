@@ -30,8 +30,9 @@ GOALS = {"pipeline_s": 60.0, "noop_s": 2.0, "peak_mb": 2048.0}
 def timed(args: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, float]:
     """(wall seconds, peak RSS MB) of a command and everything it waited for."""
     start = time.perf_counter()
-    process = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        args, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     _, status, usage = os.wait4(process.pid, 0)
     wall = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
@@ -40,14 +41,22 @@ def timed(args: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, float
 
 
 def copy_project(dest: Path) -> None:
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT,
-                           capture_output=True, text=True, check=True).stdout.split()
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     for name in files:
         if (ROOT / name).is_file():
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, dest / name)
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
-                ["git", "-c", "user.name=bench", "-c", "user.email=b@b", "commit", "-qm", "b"]):
+    for cmd in (
+        ["git", "init", "-q"],
+        ["git", "add", "-A"],
+        ["git", "-c", "user.name=bench", "-c", "user.email=b@b", "commit", "-qm", "b"],
+    ):
         subprocess.run(cmd, cwd=dest, check=True, capture_output=True)
 
 
@@ -58,10 +67,15 @@ def main() -> None:
         base = Path(scratch)
         ws = base / "repo"
         copy_project(ws)
-        env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
-               "MLFLOW_TRACKING_URI": f"sqlite:///{base / 'mlflow.db'}",
-               "BENTOML_HOME": str(base / "bentoml_home"), "MLFLOW_DISABLE_TELEMETRY": "true",
-               "BENTOML_DO_NOT_TRACK": "true"}
+        env = {
+            **os.environ,
+            "PATH": f"{BIN}:{os.environ['PATH']}",
+            "DVC_NO_ANALYTICS": "1",
+            "MLFLOW_TRACKING_URI": f"sqlite:///{base / 'mlflow.db'}",
+            "BENTOML_HOME": str(base / "bentoml_home"),
+            "MLFLOW_DISABLE_TELEMETRY": "true",
+            "BENTOML_DO_NOT_TRACK": "true",
+        }
         rows = []
         for stage in stages:
             wall, peak = timed([str(BIN / "dvc"), "repro", "-s", stage], ws, env)
@@ -72,16 +86,23 @@ def main() -> None:
     peak = max(r["peak_mb"] for r in rows)
     noop_s = min(w for w, _ in noop)
     result = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
-        "rows": params["data"]["synthetic"]["rows"] if params["data"]["source"] == "synthetic"
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
+        f"Python {platform.python_version()}",
+        "rows": params["data"]["synthetic"]["rows"]
+        if params["data"]["source"] == "synthetic"
         else params["data"]["source"],
         "model": params["train"]["model"],
-        "stages": rows, "pipeline_s": round(total, 1), "peak_mb": peak,
-        "noop_repro_s": round(noop_s, 2), "goals": GOALS,
+        "stages": rows,
+        "pipeline_s": round(total, 1),
+        "peak_mb": peak,
+        "noop_repro_s": round(noop_s, 2),
+        "goals": GOALS,
     }
     lines = [
         f"Pipeline benchmark ({result['machine']}; {result['rows']} rows, model {result['model']})",
-        "", "| stage | wall (s) | peak memory (MB) |", "|---|---:|---:|",
+        "",
+        "| stage | wall (s) | peak memory (MB) |",
+        "|---|---:|---:|",
         *[f"| {r['stage']} | {r['wall_s']:.1f} | {r['peak_mb']} |" for r in rows],
         f"| **whole pipeline** | **{total:.1f}** (goal < {GOALS['pipeline_s']:.0f}) | "
         f"**{peak}** (goal < {GOALS['peak_mb']:.0f}) |",
