@@ -6,6 +6,7 @@ contract.json that travelled inside the Bento with the model.
 
 from __future__ import annotations
 
+import csv
 import io
 from typing import Any
 
@@ -48,18 +49,40 @@ def read_upload(data: bytes, filename: str | None) -> pd.DataFrame:
     if not data:
         raise RequestError(400, "empty-file", "the uploaded file is empty")
     is_parquet = data[:4] == b"PAR1" or (filename or "").lower().endswith((".parquet", ".pq"))
-    try:
-        if is_parquet:
+    if is_parquet:
+        try:
             return pq.read_table(io.BytesIO(data)).to_pandas()
-        if b"\x00" in data[:4096]:
-            raise RequestError(415, "file-type", "the file is neither CSV nor Parquet")
-        table = pa_csv.read_csv(io.BytesIO(data))
+        except (pa.ArrowException, OSError):
+            raise RequestError(400, "parse", "could not read the Parquet file") from None
+    if b"\x00" in data[:4096]:
+        raise RequestError(415, "file-type", "the file is neither CSV nor Parquet")
+    broken = False
+
+    def note_broken_row(row: pa_csv.InvalidRow) -> str:
+        nonlocal broken
+        broken = True
+        return "skip"
+
+    try:
+        table = pa_csv.read_csv(
+            io.BytesIO(data), parse_options=pa_csv.ParseOptions(invalid_row_handler=note_broken_row)
+        )
     except (pa.ArrowInvalid, pa.ArrowException) as exc:
-        kind = "Parquet" if is_parquet else "CSV"
-        # Arrow quotes the offending line's content; keep only its description.
-        reason = str(exc).split(": ", 1)[0] if not is_parquet else "not a valid Parquet file"
-        raise RequestError(400, "parse", f"could not parse the {kind} file: {reason}") from None
+        reason = str(exc).split(":", 1)[0]
+        raise RequestError(400, "parse", f"could not parse the CSV file ({reason})") from None
+    if broken:
+        raise RequestError(
+            400, "csv-row", "rows have the wrong number of fields", rows=_ragged_rows(data)
+        )
     return table.to_pandas()
+
+
+def _ragged_rows(data: bytes) -> list[int]:
+    """0-based data rows whose field count differs from the header's (error path only:
+    Arrow does not say where a bad row is). The row's values are never echoed."""
+    reader = csv.reader(io.StringIO(data.decode("utf-8", errors="replace")))
+    width = len(next(reader, []))
+    return [i for i, row in enumerate(reader) if row and len(row) != width][:EXAMPLE_ROWS]
 
 
 def validate(

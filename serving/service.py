@@ -76,6 +76,42 @@ async def _schema(request: Request) -> Response:
 schema_app = Starlette(routes=[Route("/", _schema, methods=["GET"])])
 
 
+# What each scoring route accepts; BentoML would otherwise try to parse anything as JSON.
+CONTENT_TYPES = {"/predict": ("application/json",), "/predict_file": ("multipart/form-data",)}
+
+
+class RequestGuard:
+    """Before a body is read: refuse one over MAX_BYTES (from Content-Length) with 413,
+    and a content type the route does not take with 415."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def _refuse(
+        self, scope: dict, receive: Any, send: Any, status: int, rule: str, message: str
+    ) -> None:
+        metrics.VALIDATION_FAILURES.labels(reason=rule).inc()
+        await JSONResponse({"error": message, "rule": rule}, status_code=status)(
+            scope, receive, send
+        )
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope.get("method") == "POST":
+            headers = dict(scope.get("headers") or [])
+            length = headers.get(b"content-length", b"")
+            if length.isdigit() and int(length) > self.max_bytes:
+                message = f"the request has {int(length)} bytes; the limit is {self.max_bytes}"
+                return await self._refuse(scope, receive, send, 413, "max-bytes", message)
+            accepted = CONTENT_TYPES.get(scope.get("path", "").rstrip("/"))
+            sent = headers.get(b"content-type", b"").decode("latin-1").split(";")[0].strip()
+            if accepted and sent.lower() not in accepted:
+                message = (
+                    f"content type '{sent or 'none'}' is not accepted here; send {accepted[0]}"
+                )
+                return await self._refuse(scope, receive, send, 415, "content-type", message)
+        await self.app(scope, receive, send)
+
+
 @bentoml.asgi_app(schema_app, path="/schema")
 @bentoml.service(
     name="fraud_scoring",
@@ -208,3 +244,6 @@ class FraudScoring:
             "X-Flagged": str(int(np.sum(scored["is_fraud"]))),
         }
         return Response(buffer.getvalue(), media_type=media, headers=headers)
+
+
+FraudScoring.add_asgi_middleware(RequestGuard, max_bytes=MAX_BYTES)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import requests
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -91,3 +93,62 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def chdir_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     monkeypatch.chdir(tmp_path)
     yield tmp_path
+
+
+def run(
+    args: list[str], cwd: Path, env: dict[str, str], check: bool = True, timeout: int = 600
+) -> subprocess.CompletedProcess:
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+        )
+    return result
+
+
+def set_params(workspace: Path, **changes: object) -> None:
+    path = workspace / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    for dotted, value in changes.items():
+        node = params
+        *parents, leaf = dotted.split("__")
+        for key in parents:
+            node = node[key]
+        node[leaf] = value
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def build_workspace(base: Path) -> tuple[Path, dict[str, str]]:
+    """Copy the project to `base/repo` with its own MLflow store and BentoML home, on a
+    small synthetic config, and run the real `dvc repro` there."""
+    ws = base / "repo"
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    for name in files:
+        if (ROOT / name).is_file():
+            (ws / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, ws / name)
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}:{os.environ['PATH']}",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{base / 'mlflow.db'}",
+        "BENTOML_HOME": str(base / "bentoml_home"),
+        "DVC_NO_ANALYTICS": "1",
+    }
+    env.pop("DVC_ROOT", None)
+    set_params(
+        ws, data__synthetic__rows=30_000, data__synthetic__fraud_rate=0.01, train__hgb__max_iter=60
+    )
+    for cmd in (
+        ["git", "init", "-q"],
+        ["git", "add", "-A"],
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"],
+    ):
+        run(cmd, ws, env)
+    run(["dvc", "repro"], ws, env)
+    return ws, env

@@ -6,9 +6,6 @@ Real DVC, MLflow (sqlite store) and BentoML (a private BENTOML_HOME); nothing mo
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import joblib
@@ -18,68 +15,14 @@ import pytest
 import requests
 import yaml
 
-from .conftest import BIN, ROOT, start_bento, stop
+from .conftest import build_workspace, run, set_params, start_bento, stop
 
 pytestmark = pytest.mark.integration
 
 
-def _run(
-    args: list[str], cwd: Path, env: dict[str, str], check: bool = True, timeout: int = 600
-) -> subprocess.CompletedProcess:
-    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    if check and result.returncode != 0:
-        raise AssertionError(
-            f"{' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
-        )
-    return result
-
-
-def _set_params(workspace: Path, **changes: object) -> None:
-    path = workspace / "params.yaml"
-    params = yaml.safe_load(path.read_text())
-    for dotted, value in changes.items():
-        node = params
-        *parents, leaf = dotted.split("__")
-        for key in parents:
-            node = node[key]
-        node[leaf] = value
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
-
-
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
-    base = tmp_path_factory.mktemp("pipeline")
-    ws = base / "repo"
-    files = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
-    for name in files:
-        if (ROOT / name).is_file():
-            (ws / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, ws / name)
-    env = {
-        **os.environ,
-        "PATH": f"{BIN}:{os.environ['PATH']}",
-        "MLFLOW_TRACKING_URI": f"sqlite:///{base / 'mlflow.db'}",
-        "BENTOML_HOME": str(base / "bentoml_home"),
-        "DVC_NO_ANALYTICS": "1",
-    }
-    env.pop("DVC_ROOT", None)
-    _set_params(
-        ws, data__synthetic__rows=30_000, data__synthetic__fraud_rate=0.01, train__hgb__max_iter=60
-    )
-    for cmd in (
-        ["git", "init", "-q"],
-        ["git", "add", "-A"],
-        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"],
-    ):
-        _run(cmd, ws, env)
-    _run(["dvc", "repro"], ws, env)
-    return ws, env
+    return build_workspace(tmp_path_factory.mktemp("pipeline"))
 
 
 def _ran(output: str) -> list[str]:
@@ -111,9 +54,9 @@ def test_repro_builds_every_output(workspace) -> None:
     lock = yaml.safe_load((ws / "dvc.lock").read_text())
     assert set(lock["stages"]) == {"prepare", "split", "train", "evaluate", "package"}
 
-    show = _run(["dvc", "metrics", "show", "--json"], ws, env).stdout
+    show = run(["dvc", "metrics", "show", "--json"], ws, env).stdout
     assert "average_precision" in show
-    _run(["dvc", "plots", "show", "-o", str(ws.parent / "plots_html")], ws, env)
+    run(["dvc", "plots", "show", "-o", str(ws.parent / "plots_html")], ws, env)
     assert (ws.parent / "plots_html" / "index.html").is_file()
 
 
@@ -125,7 +68,7 @@ def test_mlflow_run_and_registry(workspace) -> None:
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     client = MlflowClient()
     registry = json.loads((ws / "models/registry.json").read_text())
-    run = client.get_run(registry["run_id"])
+    run = client.getrun(registry["run_id"])
     assert run.data.params["train.model"] == "hgb"
     assert run.data.metrics["test_average_precision"] == pytest.approx(
         json.loads((ws / "metrics/evaluate.json").read_text())["average_precision"]
@@ -141,21 +84,21 @@ def test_mlflow_run_and_registry(workspace) -> None:
 
 def test_second_repro_is_noop(workspace) -> None:
     ws, env = workspace
-    result = _run(["dvc", "repro"], ws, env)
+    result = run(["dvc", "repro"], ws, env)
     assert _ran(result.stdout) == []
     assert "Data and pipelines are up to date" in result.stdout
 
 
 def test_param_change_reruns_only_downstream(workspace) -> None:
     ws, env = workspace
-    _set_params(ws, evaluate__cost_false_alarm=7)
-    result = _run(["dvc", "repro"], ws, env)
+    set_params(ws, evaluate__cost_false_alarm=7)
+    result = run(["dvc", "repro"], ws, env)
     assert _ran(result.stdout) == ["evaluate", "package"]
     registry = json.loads((ws / "models/registry.json").read_text())
     # Same model, same test data: the candidate does not beat the champion, so no move.
     assert registry["version"] == 2 and registry["previous_champion_version"] == 1
     assert registry["promoted_to_champion"] is False
-    assert _run(["dvc", "status"], ws, env).stdout.strip().endswith("up to date.")
+    assert run(["dvc", "status"], ws, env).stdout.strip().endswith("up to date.")
 
 
 def test_bento_loads_and_scores(workspace, tmp_path: Path) -> None:
@@ -163,7 +106,7 @@ def test_bento_loads_and_scores(workspace, tmp_path: Path) -> None:
     ws, env = workspace
     env = {**env, "BENTOML_HOME": str(tmp_path / "fresh_home")}
     tag = json.loads((ws / "models/bento.json").read_text())["bento"]
-    _run(["bentoml", "import", str(ws / "models/fraud_scoring.bento")], ws, env)
+    run(["bentoml", "import", str(ws / "models/fraud_scoring.bento")], ws, env)
     process, url = start_bento(tag, env, tmp_path / "serve.log")
     try:
         rows = pd.read_parquet(ws / "data/split/test.parquet").head(50)
@@ -187,8 +130,8 @@ def test_gate_failure_stops_before_registry(workspace) -> None:
     ws, env = workspace
     before = (ws / "params.yaml").read_text()
     try:
-        _set_params(ws, evaluate__gate__min_roc_auc=0.9999)
-        result = _run(["dvc", "repro"], ws, env, check=False)
+        set_params(ws, evaluate__gate__min_roc_auc=0.9999)
+        result = run(["dvc", "repro"], ws, env, check=False)
         assert result.returncode != 0
         assert "quality gate failed on the test split: roc_auc" in result.stderr + result.stdout
         assert "Traceback" not in result.stderr
@@ -200,10 +143,10 @@ def test_gate_failure_stops_before_registry(workspace) -> None:
 
 def test_experiment_sweep_logs_to_mlflow(workspace) -> None:
     ws, env = workspace
-    _run(["dvc", "repro"], ws, env)  # back in step after the gate test
-    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "step"], ws, env)
-    _run(["dvc", "exp", "run", "-n", "lr-sweep", "-S", "train.model=logreg"], ws, env)
-    shown = json.loads(_run(["dvc", "exp", "show", "--json"], ws, env).stdout)
+    run(["dvc", "repro"], ws, env)  # back in step after the gate test
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "step"], ws, env)
+    run(["dvc", "exp", "run", "-n", "lr-sweep", "-S", "train.model=logreg"], ws, env)
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], ws, env).stdout)
     names = {
         exp.get("name")
         for entry in shown

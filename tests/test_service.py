@@ -1,0 +1,335 @@
+"""The Bento served for real by `bentoml serve` on free loopback ports."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import joblib
+import numpy as np
+import pandas as pd
+import pytest
+import requests
+
+from .conftest import ROOT, build_workspace, run, start_bento, stop
+
+pytestmark = pytest.mark.integration
+FORMAT_FIXTURE = ROOT / "tests" / "fixtures" / "creditcard_format.csv"
+API_KEY = "test-key-0123456789"
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    return build_workspace(tmp_path_factory.mktemp("service"))
+
+
+@pytest.fixture(scope="module")
+def server(built, tmp_path_factory) -> Iterator[str]:
+    ws, env = built
+    tag = json.loads((ws / "models/bento.json").read_text())["bento"]
+    process, url = start_bento(tag, env, tmp_path_factory.mktemp("logs") / "serve.log")
+    yield url
+    stop(process)
+
+
+@pytest.fixture(scope="module")
+def guarded(built, tmp_path_factory) -> Iterator[str]:
+    """A second instance with an API key and small limits."""
+    ws, env = built
+    # Its own BentoML home: two servers sharing one would share (and reset) the
+    # Prometheus multiprocess directory under it.
+    env = {
+        **env,
+        "BENTOML_HOME": str(tmp_path_factory.mktemp("guarded_home")),
+        "FRAUD_API_KEY": API_KEY,
+        "FRAUD_MAX_JSON_ROWS": "100",
+        "FRAUD_MAX_ROWS": "1000",
+        "FRAUD_MAX_BYTES": "1000000",
+    }
+    run(["bentoml", "import", str(ws / "models/fraud_scoring.bento")], ws, env)
+    tag = json.loads((ws / "models/bento.json").read_text())["bento"]
+    process, url = start_bento(tag, env, tmp_path_factory.mktemp("logs") / "guarded.log")
+    yield url
+    stop(process)
+
+
+@pytest.fixture(scope="module")
+def test_rows(built) -> pd.DataFrame:
+    ws, _ = built
+    return pd.read_parquet(ws / "data/split/test.parquet").head(300)
+
+
+@pytest.fixture(scope="module")
+def model(built):
+    return joblib.load(built[0] / "models/model.joblib")
+
+
+def _records(frame: pd.DataFrame) -> list[dict]:
+    return frame.to_dict(orient="records")
+
+
+def _metric(url: str, name: str) -> float:
+    text = requests.get(f"{url}/metrics", timeout=10).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name) and not line.startswith("#")
+    )
+
+
+def test_json_batch_matches_model(server, test_rows, model, built) -> None:
+    response = requests.post(
+        f"{server}/predict", json={"transactions": _records(test_rows)}, timeout=30
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    probs = np.array([p["fraud_probability"] for p in body["predictions"]])
+    expected = model.predict_proba(test_rows.drop(columns="Class"))[:, 1]
+    np.testing.assert_allclose(probs, expected, rtol=1e-12)  # and in input order
+    assert ((probs >= 0) & (probs <= 1)).all()
+    assert [p["is_fraud"] for p in body["predictions"]] == list(expected >= body["threshold"])
+    registry = json.loads((built[0] / "models/registry.json").read_text())
+    assert body["model_version"] == registry["version"]
+    assert body["lineage"]["mlflow_run_id"] == registry["run_id"]
+    assert {p["risk_band"] for p in body["predictions"]} <= {"low", "elevated", "high", "critical"}
+
+
+def test_threshold_override(server, test_rows) -> None:
+    body = requests.post(
+        f"{server}/predict",
+        timeout=30,
+        json={"transactions": _records(test_rows), "threshold": 0.0},
+    ).json()
+    assert body["threshold"] == 0.0 and all(p["is_fraud"] for p in body["predictions"])
+    bad = requests.post(
+        f"{server}/predict",
+        timeout=30,
+        json={"transactions": _records(test_rows), "threshold": 1.5},
+    )
+    assert bad.status_code == 400 and bad.json()["rule"] == "threshold"
+
+
+def test_csv_upload_real_format(server, model) -> None:
+    with open(FORMAT_FIXTURE, "rb") as fh:
+        response = requests.post(
+            f"{server}/predict_file", timeout=60, files={"file": ("creditcard.csv", fh, "text/csv")}
+        )
+    assert response.status_code == 200, response.text
+    scored = pd.read_csv(io.StringIO(response.text))
+    source = pd.read_csv(FORMAT_FIXTURE)
+    assert len(scored) == len(source) == int(response.headers["X-Rows"])
+    np.testing.assert_allclose(scored["Amount"], source["Amount"])
+    expected = model.predict_proba(source.drop(columns="Class"))[:, 1]
+    np.testing.assert_allclose(scored["fraud_probability"], expected, rtol=1e-9)
+
+
+def test_real_sample_upload(server, real_sample: Path) -> None:
+    with open(real_sample, "rb") as fh:
+        response = requests.post(
+            f"{server}/predict_file", timeout=60, files={"file": ("creditcard.csv", fh, "text/csv")}
+        )
+    assert response.status_code == 200, response.text
+    assert len(pd.read_csv(io.StringIO(response.text))) == 2000
+
+
+def test_parquet_upload_and_output(server, test_rows, model) -> None:
+    buffer = io.BytesIO()
+    test_rows.to_parquet(buffer, index=False)
+    response = requests.post(
+        f"{server}/predict_file",
+        timeout=60,
+        files={"file": ("batch.parquet", buffer.getvalue())},
+        data={"output_format": "parquet"},
+    )
+    assert response.status_code == 200, response.text
+    scored = pd.read_parquet(io.BytesIO(response.content))
+    expected = model.predict_proba(test_rows.drop(columns="Class"))[:, 1]
+    np.testing.assert_allclose(scored["fraud_probability"], expected, rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "status", "rule", "column", "rows"),
+    [
+        (
+            lambda r: [{k: v for k, v in x.items() if k != "V3"} for x in r],
+            400,
+            "missing-columns",
+            "V3",
+            None,
+        ),
+        (
+            lambda r: [dict(x, V5="abc") if i == 2 else x for i, x in enumerate(r)],
+            400,
+            "numeric",
+            "V5",
+            [2],
+        ),
+        (
+            lambda r: [dict(x, V6=None) if i in (1, 4) else x for i, x in enumerate(r)],
+            400,
+            "missing-values",
+            "V6",
+            [1, 4],
+        ),
+        (
+            lambda r: [dict(x, Amount=-5.0) if i == 3 else x for i, x in enumerate(r)],
+            422,
+            "range",
+            "Amount",
+            [3],
+        ),
+        (
+            lambda r: [dict(x, V1=1e9) if i == 0 else x for i, x in enumerate(r)],
+            422,
+            "range",
+            "V1",
+            [0],
+        ),
+        (lambda r: [], 400, "empty-batch", None, None),
+        # Not objects: BentoML's request schema refuses it before the service runs.
+        (lambda r: [1, 2], 400, None, None, None),
+    ],
+)
+def test_bad_json_batches(server, test_rows, mutate, status, rule, column, rows) -> None:
+    records = mutate(_records(test_rows.head(6)))
+    response = requests.post(f"{server}/predict", json={"transactions": records}, timeout=30)
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert "error" in body and "Traceback" not in response.text
+    assert body.get("rule") == rule
+    if column:
+        assert body["column"] == column and column in body["error"]
+    if rows:
+        assert body["rows"] == rows
+
+
+def test_unknown_columns_ignored_by_default(server, test_rows) -> None:
+    records = [dict(x, merchant="x") for x in _records(test_rows.head(3))]
+    assert (
+        requests.post(f"{server}/predict", json={"transactions": records}, timeout=30).status_code
+        == 200
+    )
+
+
+def test_malformed_requests(server) -> None:
+    broken = requests.post(
+        f"{server}/predict",
+        data="{not json",
+        headers={"Content-Type": "application/json"},
+        timeout=10,
+    )
+    assert broken.status_code == 400 and "Invalid JSON" in broken.text
+    missing = requests.post(f"{server}/predict", json={"rows": []}, timeout=10)
+    assert missing.status_code == 400 and "transactions" in missing.text
+    not_csv = requests.post(
+        f"{server}/predict_file", timeout=10, files={"file": ("x.bin", b"\x00\x01\x02garbage")}
+    )
+    assert not_csv.status_code == 415 and not_csv.json()["rule"] == "file-type"
+    bad_parquet = requests.post(
+        f"{server}/predict_file", timeout=10, files={"file": ("x.parquet", b"PAR1 not really")}
+    )
+    assert bad_parquet.status_code == 400 and bad_parquet.json()["rule"] == "parse"
+
+
+def test_wrong_content_types(server) -> None:
+    for path, content_type in (
+        ("/predict", "text/plain"),
+        ("/predict", "application/xml"),
+        ("/predict_file", "application/json"),
+    ):
+        response = requests.post(
+            f"{server}{path}", data="x", timeout=10, headers={"Content-Type": content_type}
+        )
+        assert response.status_code == 415, (path, response.text)
+        assert response.json()["rule"] == "content-type" and content_type in response.text
+
+
+def test_csv_with_broken_row(server) -> None:
+    lines = FORMAT_FIXTURE.read_text().splitlines()
+    lines[3] = ",".join(lines[3].split(",")[:-2])  # data row 2 (0-based) loses two fields
+    response = requests.post(
+        f"{server}/predict_file", timeout=10, files={"file": ("c.csv", "\n".join(lines).encode())}
+    )
+    assert response.status_code == 400, response.text
+    assert response.json()["rule"] == "csv-row" and response.json()["rows"] == [2]
+    # The offending row's values never come back in the error.
+    assert lines[3].split(",")[1] not in response.text
+
+
+def test_limits_give_413(guarded, test_rows) -> None:
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    big = requests.post(
+        f"{guarded}/predict",
+        headers=auth,
+        timeout=30,
+        json={"transactions": _records(test_rows.head(101))},
+    )
+    assert big.status_code == 413 and "100" in big.json()["error"]
+    rows = pd.concat([test_rows] * 4, ignore_index=True)  # 1,200 rows > 1,000
+    too_many = requests.post(
+        f"{guarded}/predict_file",
+        headers=auth,
+        timeout=30,
+        files={"file": ("b.csv", rows.to_csv(index=False).encode())},
+    )
+    assert too_many.status_code == 413 and "1000" in too_many.json()["error"]
+    huge = requests.post(
+        f"{guarded}/predict_file",
+        headers=auth,
+        timeout=30,
+        files={"file": ("h.csv", b"0," * 600_000)},
+    )
+    assert huge.status_code == 413 and huge.json()["rule"] == "max-bytes"
+
+
+def test_api_key(guarded, test_rows) -> None:
+    payload = {"transactions": _records(test_rows.head(2))}
+    assert requests.post(f"{guarded}/predict", json=payload, timeout=10).status_code == 401
+    wrong = {"Authorization": "Bearer nope"}
+    assert (
+        requests.post(f"{guarded}/predict", json=payload, headers=wrong, timeout=10).status_code
+        == 401
+    )
+    right = {"Authorization": f"Bearer {API_KEY}"}
+    assert (
+        requests.post(f"{guarded}/predict", json=payload, headers=right, timeout=10).status_code
+        == 200
+    )
+    for open_path in ("/readyz", "/livez", "/metrics", "/schema"):
+        assert requests.get(f"{guarded}{open_path}", timeout=10).status_code == 200
+
+
+def test_metrics_move(server, test_rows) -> None:
+    before = _metric(server, "fraud_rows_scored_total")
+    failures = _metric(server, 'fraud_validation_failures_total{reason="empty-batch"}')
+    requests.post(
+        f"{server}/predict", json={"transactions": _records(test_rows.head(7))}, timeout=30
+    )
+    requests.post(f"{server}/predict", json={"transactions": []}, timeout=30)
+    assert _metric(server, "fraud_rows_scored_total") == before + 7
+    assert _metric(server, 'fraud_validation_failures_total{reason="empty-batch"}') == failures + 1
+    text = requests.get(f"{server}/metrics", timeout=10).text
+    for name in (
+        "fraud_probability_bucket",
+        "fraud_batch_rows_bucket",
+        "fraud_inference_seconds_bucket",
+        "fraud_model_info{",
+        "bentoml_service_request_total",
+        "bentoml_service_request_duration_seconds",
+    ):
+        assert name in text, name
+    # The bulk histogram update agrees with a plain count: one observation per row.
+    assert _metric(server, "fraud_probability_count") == _metric(server, "fraud_rows_scored_total")
+
+
+def test_schema_and_probes(server, built) -> None:
+    schema = requests.get(f"{server}/schema", timeout=10).json()
+    contract = json.loads((built[0] / "models/contract.json").read_text())
+    assert [f["name"] for f in schema["features"]] == [f["name"] for f in contract["features"]]
+    assert schema["threshold"] == contract["threshold"]
+    assert schema["lineage"]["model_version"] == contract["lineage"]["model_version"]
+    assert schema["limits"]["max_json_rows_per_request"] == 20_000
+    for probe in ("/readyz", "/livez", "/healthz", "/docs.json"):
+        assert requests.get(f"{server}{probe}", timeout=10).status_code == 200, probe
