@@ -5,6 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 3000
+SNAPSHOT_MINUTES ?= 5
 
 # Telemetry off; MLflow store and BentoML home inside the project unless the user set them.
 export DVC_NO_ANALYTICS := 1
@@ -14,7 +15,7 @@ export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 export BENTOML_HOME ?= $(CURDIR)/bentoml_home
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup run pipeline serve test lint bench lock clean mlflow-ui
+.PHONY: setup system-deps run pipeline serve ui up down snapshot test lint bench lock clean mlflow-ui
 
 setup: $(VENV)/.installed
 
@@ -22,6 +23,17 @@ $(VENV)/.installed: requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --disable-pip-version-check -q -r requirements.lock
 	touch $@
+
+# Debian packages the tests drive for real: Prometheus (+ promtool), Chromium and its
+# driver. Needs root and apt; elsewhere it says what is missing, and the tests that need
+# them skip (in CI they fail).
+SYSTEM_TOOLS := prometheus promtool chromium chromedriver
+system-deps:
+	@missing=""; for t in $(SYSTEM_TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	if [ -z "$$missing" ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q prometheus chromium chromium-driver; \
+	else echo "system-deps: missing$$missing (Debian: apt-get install prometheus chromium chromium-driver)"; fi
 
 pipeline: setup
 	$(BIN)/dvc repro
@@ -36,7 +48,23 @@ serve: setup
 	echo "serving $$tag on http://$(HOST):$(PORT)"; \
 	exec $(BIN)/bentoml serve $$tag --host $(HOST) --port $(PORT)
 
-test: setup
+# The whole local stack on loopback (service, Prometheus, UI, Grafana if installed).
+up: setup system-deps
+	@test -f models/bento.json || $(MAKE) pipeline
+	$(BIN)/python monitoring/stack.py up
+
+down:
+	$(BIN)/python monitoring/stack.py down
+
+ui: setup
+	$(BIN)/streamlit run ui/app.py --server.address $(HOST) --server.port 8501 \
+	  --server.headless true --browser.gatherUsageStats false --server.maxUploadSize 300
+
+# The dashboard's panels as one PNG, from Prometheus (needs `make up` and some traffic).
+snapshot: setup
+	$(BIN)/python monitoring/snapshot.py --prometheus http://127.0.0.1:9090 --minutes $(SNAPSHOT_MINUTES) --out monitoring/snapshot.png
+
+test: setup system-deps
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
@@ -45,6 +73,8 @@ lint: setup
 
 bench: setup
 	$(BIN)/python bench/pipeline.py
+	@test -f models/bento.json || $(MAKE) pipeline
+	$(BIN)/python bench/serving.py
 
 mlflow-ui: setup
 	$(BIN)/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host 127.0.0.1 --port 5000

@@ -19,13 +19,29 @@ BATCH_ROWS = Histogram(
 )
 INFERENCE_SECONDS = Histogram(
     "fraud_inference_seconds",
-    "Model time per scored request",
+    "Model time per scored request, by batch size band",
+    ["batch_band"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 PROBABILITY = Histogram(
     "fraud_probability",
     "Fraud probabilities returned",
     buckets=(1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 0.6, 1.0),
+)
+# Gauges below are per process; "livemax" keeps one series per label set across workers.
+DRIFT_PSI = Gauge(
+    "fraud_drift_psi",
+    "PSI of the recent window against the training reference (score or feature)",
+    ["feature"],
+    multiprocess_mode="livemax",
+)
+DRIFT_WINDOW_ROWS = Gauge(
+    "fraud_drift_window_rows", "Rows in the drift window", multiprocess_mode="livemax"
+)
+REFERENCE_FLAGGED_RATIO = Gauge(
+    "fraud_reference_flagged_ratio",
+    "Share of reference (validation) rows at or above the threshold",
+    multiprocess_mode="livemax",
 )
 MODEL_INFO = Gauge(
     "fraud_model_info",
@@ -45,12 +61,31 @@ def set_model_info(lineage: dict[str, Any], model_tag: str) -> None:
     ).set(1)
 
 
-def observe_batch(rows: int, seconds: float, probabilities: np.ndarray, flagged: int) -> None:
+def batch_band(rows: int) -> str:
+    """Latency depends on batch size: alerts and panels compare like with like."""
+    if rows == 1:
+        return "1"
+    if rows <= 100:
+        return "2-100"
+    return "101-10k" if rows <= 10_000 else ">10k"
+
+
+def observe_batch(
+    rows: int,
+    seconds: float,
+    probabilities: np.ndarray,
+    flagged: int,
+    psi: dict[str, float],
+    window_rows: int,
+) -> None:
     ROWS_SCORED.inc(rows)
     ROWS_FLAGGED.inc(flagged)
     BATCH_ROWS.observe(rows)
-    INFERENCE_SECONDS.observe(seconds)
+    INFERENCE_SECONDS.labels(batch_band=batch_band(rows)).observe(seconds)
     _observe_many(PROBABILITY, probabilities)
+    for feature, value in psi.items():
+        DRIFT_PSI.labels(feature=feature).set(value)
+    DRIFT_WINDOW_ROWS.set(window_rows)
 
 
 def _observe_many(histogram: Histogram, values: np.ndarray) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -333,3 +334,22 @@ def test_schema_and_probes(server, built) -> None:
     assert schema["limits"]["max_json_rows_per_request"] == 20_000
     for probe in ("/readyz", "/livez", "/healthz", "/docs.json"):
         assert requests.get(f"{server}{probe}", timeout=10).status_code == 200, probe
+
+
+def test_served_model_matches_registry_and_dvc_lock(server, built) -> None:
+    """Lineage: what answers is the registry's candidate, built from dvc.lock's data."""
+    ws, env = built
+    import mlflow
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    lineage = requests.get(f"{server}/schema", timeout=10).json()["lineage"]
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    candidate = MlflowClient().get_model_version_by_alias(lineage["registered_model"], "candidate")
+    assert int(candidate.version) == lineage["model_version"]
+    assert candidate.run_id == lineage["mlflow_run_id"]
+    lock = yaml.safe_load((ws / "dvc.lock").read_text())["stages"]
+    prepared = next(o for o in lock["prepare"]["outs"] if o["path"].endswith(".parquet"))
+    assert prepared["md5"] == lineage["data_md5"]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ws, capture_output=True, text=True)
+    assert lineage["git_commit"].startswith(head.stdout.strip())

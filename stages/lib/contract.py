@@ -43,7 +43,7 @@ def _fractions(values: np.ndarray, edges: np.ndarray) -> list[float]:
 
 
 def reference_distributions(
-    frame: pd.DataFrame, scores: np.ndarray, drift_features: list[str]
+    frame: pd.DataFrame, scores: np.ndarray, drift_features: list[str], threshold: float
 ) -> dict[str, Any]:
     """Binned distributions from held-out data, for PSI drift checks in serving."""
     score_edges = np.asarray(SCORE_EDGES)
@@ -60,6 +60,7 @@ def reference_distributions(
     return {
         "rows": len(frame),
         "fraud_rate": float(frame[TARGET].mean()),
+        "flagged_ratio": float(np.mean(scores >= threshold)),
         "score": {
             "edges": list(SCORE_EDGES),
             "fractions": _fractions(scores, score_edges),
@@ -104,7 +105,7 @@ def build_contract(
         },
         "risk_bands": risk_bands(threshold),
         "reference": reference_distributions(
-            reference, reference_scores, list(package_params["drift_features"])
+            reference, reference_scores, list(package_params["drift_features"]), threshold
         ),
         "test_metrics": {
             k: metrics[k] for k in ("average_precision", "roc_auc", "brier", "precision", "recall")

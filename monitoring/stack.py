@@ -1,0 +1,178 @@
+"""`make up` / `make down`: the local stack on loopback, each process tracked by pid.
+
+up: the service (bentoml serve of the built Bento), Prometheus scraping it, the Streamlit
+UI when ui/app.py exists, and Grafana when a Grafana binary is on the PATH. Logs and pid
+files go to .run/. down: stops what up started (SIGTERM to each process group, then
+SIGKILL after a grace period).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.error import URLError
+from urllib.request import urlopen
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN = ROOT / ".run"
+BIN = Path(sys.executable).parent
+HOST = "127.0.0.1"
+PORTS = {
+    "service": int(os.environ.get("PORT", "3000")),
+    "prometheus": 9090,
+    "ui": 8501,
+    "grafana": 3001,
+}
+
+
+def _ready(url: str, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return True
+        except (URLError, OSError):
+            time.sleep(0.5)
+    return False
+
+
+def _start(name: str, args: list[str], env: dict[str, str] | None = None) -> None:
+    pid_file = RUN / f"{name}.pid"
+    if pid_file.exists() and _alive(int(pid_file.read_text())):
+        print(f"{name}: already running (pid {pid_file.read_text().strip()})")
+        return
+    log = open(RUN / f"{name}.log", "w")
+    process = subprocess.Popen(
+        args,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    pid_file.write_text(str(process.pid))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    return True
+
+
+def prometheus_config(service_port: int, prometheus_port: int) -> str:
+    """monitoring/prometheus.yml with the ports in use (and an absolute rule path)."""
+    text = (ROOT / "monitoring" / "prometheus.yml").read_text()
+    text = text.replace("127.0.0.1:3000", f"127.0.0.1:{service_port}")
+    text = text.replace("127.0.0.1:9090", f"127.0.0.1:{prometheus_port}")
+    return text.replace("  - alerts.yml", f"  - {ROOT / 'monitoring' / 'alerts.yml'}")
+
+
+def up() -> None:
+    RUN.mkdir(exist_ok=True)
+    info = ROOT / "models" / "bento.json"
+    if not info.exists():
+        raise SystemExit("no Bento yet: run `make pipeline` first")
+    tag = json.loads(info.read_text())["bento"]
+    bentoml = str(BIN / "bentoml")
+    if subprocess.run([bentoml, "get", tag], capture_output=True).returncode != 0:
+        subprocess.run(
+            [bentoml, "import", str(ROOT / "models" / "fraud_scoring.bento")], check=True
+        )
+    _start("service", [bentoml, "serve", tag, "--host", HOST, "--port", str(PORTS["service"])])
+    service = f"http://{HOST}:{PORTS['service']}"
+
+    prometheus = shutil.which("prometheus")
+    if prometheus:
+        config = RUN / "prometheus.yml"
+        config.write_text(prometheus_config(PORTS["service"], PORTS["prometheus"]))
+        _start(
+            "prometheus",
+            [
+                prometheus,
+                f"--config.file={config}",
+                f"--web.listen-address={HOST}:{PORTS['prometheus']}",
+                f"--storage.tsdb.path={RUN / 'prometheus-data'}",
+            ],
+        )
+    else:
+        print("prometheus: not found; `apt-get install -y prometheus` (Debian) to get it")
+
+    if (ROOT / "ui" / "app.py").exists():
+        _start(
+            "ui",
+            [
+                str(BIN / "streamlit"),
+                "run",
+                "ui/app.py",
+                "--server.address",
+                HOST,
+                "--server.port",
+                str(PORTS["ui"]),
+                "--server.headless",
+                "true",
+                "--browser.gatherUsageStats",
+                "false",
+                # the full creditcard.csv is 144 MB; Streamlit's default cap is 200 MB
+                "--server.maxUploadSize",
+                "300",
+            ],
+            env={"FRAUD_SERVICE_URL": service},
+        )
+
+    grafana = shutil.which("grafana") or shutil.which("grafana-server")
+    if grafana:
+        args = [grafana, "server"] if grafana.endswith("/grafana") else [grafana]
+        _start(
+            "grafana",
+            args,
+            env={
+                "GF_SERVER_HTTP_ADDR": HOST,
+                "GF_SERVER_HTTP_PORT": str(PORTS["grafana"]),
+                "GF_PATHS_PROVISIONING": str(ROOT / "monitoring" / "grafana" / "provisioning"),
+                "GF_PATHS_DATA": str(RUN / "grafana-data"),
+                "FRAUDOPS_DASHBOARDS_DIR": str(ROOT / "monitoring" / "grafana" / "dashboards"),
+                "GF_ANALYTICS_REPORTING_ENABLED": "false",
+            },
+        )
+    else:
+        print(
+            "grafana: not on the PATH; install Grafana (grafana.com/grafana/download) and "
+            "run `make up` again, or use docker-compose.yml. Provisioning: monitoring/grafana/"
+        )
+
+    checks = {"service": (service, "/readyz")}
+    if prometheus:
+        checks["prometheus"] = (f"http://{HOST}:{PORTS['prometheus']}", "/-/ready")
+    if (RUN / "ui.pid").exists():
+        checks["ui"] = (f"http://{HOST}:{PORTS['ui']}", "/_stcore/health")
+    for name, (base, probe) in checks.items():
+        state = "up" if _ready(base + probe, 120) else f"NOT ready (see .run/{name}.log)"
+        print(f"{name:10s} {base:26s} {state}")
+
+
+def down() -> None:
+    for pid_file in sorted(RUN.glob("*.pid")):
+        pid = int(pid_file.read_text())
+        if _alive(pid):
+            os.killpg(pid, signal.SIGTERM)
+            for _ in range(40):
+                if not _alive(pid):
+                    break
+                time.sleep(0.25)
+            else:
+                os.killpg(pid, signal.SIGKILL)
+            print(f"{pid_file.stem}: stopped (pid {pid})")
+        pid_file.unlink()
+
+
+if __name__ == "__main__":
+    {"up": up, "down": down}[sys.argv[1] if len(sys.argv) > 1 else "up"]()

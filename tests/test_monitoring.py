@@ -1,0 +1,200 @@
+"""Observability as code, proved against a real Prometheus scraping a real service."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+
+import pandas as pd
+import pytest
+import requests
+
+from monitoring.snapshot import panel_queries, render
+from monitoring.stack import prometheus_config
+
+from .conftest import ROOT, build_workspace, free_port, start_bento, stop, wait_until_ready
+
+MONITORING = ROOT / "monitoring"
+ARTIFACTS = ROOT / "test-artifacts"
+
+
+def _tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{name} is required in CI (.ci/run installs Debian's prometheus)")
+        pytest.skip(f"{name} not installed (apt-get install -y prometheus)")
+    return path
+
+
+def test_promtool_checks_config_and_rules() -> None:
+    promtool = _tool("promtool")
+    for args in (
+        ["check", "config", str(MONITORING / "prometheus.yml")],
+        ["check", "rules", str(MONITORING / "alerts.yml")],
+        ["test", "rules", str(MONITORING / "tests" / "alerts_test.yml")],
+    ):
+        result = subprocess.run([promtool, *args], capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dashboard_is_provisionable() -> None:
+    dashboard = json.loads((MONITORING / "grafana/dashboards/fraudops.json").read_text())
+    assert dashboard["uid"] == "fraudops-service"
+    assert dashboard["templating"]["list"][0]["type"] == "datasource"
+    titles = [p["title"] for p in dashboard["panels"]]
+    assert len(titles) == len(set(titles)) >= 12
+    for panel in dashboard["panels"]:
+        assert panel["datasource"]["uid"] == "${datasource}"
+        for target in panel["targets"]:
+            assert "bentoml_api_server" not in target["expr"]  # the old API's names
+
+
+@pytest.mark.integration
+class TestLiveStack:
+    @pytest.fixture(scope="class")
+    def stack(self, tmp_path_factory) -> Iterator[dict]:
+        prometheus = _tool("prometheus")
+        base = tmp_path_factory.mktemp("monitoring")
+        ws, env = build_workspace(base)
+        tag = json.loads((ws / "models/bento.json").read_text())["bento"]
+        # A small drift window so one shifted batch shows in the gauge.
+        service, url = start_bento(
+            tag, {**env, "FRAUD_DRIFT_WINDOW_ROWS": "2000"}, base / "serve.log"
+        )
+        port = free_port()
+        config = base / "prometheus.yml"
+        text = prometheus_config(int(url.rsplit(":", 1)[1]), port)
+        config.write_text(
+            text.replace("scrape_interval: 5s", "scrape_interval: 1s").replace(
+                "evaluation_interval: 5s", "evaluation_interval: 1s"
+            )
+        )
+        log = open(base / "prometheus.log", "w")
+        prom = subprocess.Popen(
+            [
+                prometheus,
+                f"--config.file={config}",
+                f"--web.listen-address=127.0.0.1:{port}",
+                f"--storage.tsdb.path={base / 'tsdb'}",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        prom_url = f"http://127.0.0.1:{port}"
+        try:
+            wait_until_ready(f"{prom_url}/-/ready", prom)
+            yield {"service": url, "prometheus": prom_url, "workspace": ws}
+        finally:
+            stop(prom)
+            stop(service)
+
+    @staticmethod
+    def query(stack: dict, expr: str) -> list[dict]:
+        response = requests.get(
+            f"{stack['prometheus']}/api/v1/query", params={"query": expr}, timeout=10
+        )
+        assert response.status_code == 200, (expr, response.text)
+        return response.json()["data"]["result"]
+
+    @staticmethod
+    def wait_for(check, timeout: float = 30.0):
+        deadline = time.monotonic() + timeout
+        while True:
+            value = check()
+            if value or time.monotonic() > deadline:
+                return value
+            time.sleep(1)
+
+    @pytest.fixture(scope="class")
+    def load(self, stack) -> dict:
+        """A bounded mixed load: good batches of several sizes and some bad requests."""
+        rows = pd.read_parquet(stack["workspace"] / "data/split/test.parquet")
+        rows = rows.drop(columns="Class")
+        sent, good, url = 0, 0, stack["service"]
+        # Spread over ~10 s, so 1-minute rates and the snapshot show a shape.
+        for size in (1, 1, 1, 20, 50, 300, 1500):
+            time.sleep(1)
+            batch = rows.sample(size, random_state=size).to_dict(orient="records")
+            response = requests.post(f"{url}/predict", json={"transactions": batch}, timeout=60)
+            assert response.status_code == 200
+            sent, good = sent + size, good + 1
+        response = requests.post(
+            f"{url}/predict_file",
+            timeout=60,
+            files={"file": ("b.csv", rows.head(2500).to_csv(index=False))},
+        )
+        assert response.status_code == 200
+        sent += 2500
+        bad = {"empty-batch": 2, "missing-columns": 1}
+        for _ in range(2):
+            time.sleep(1)
+            requests.post(f"{url}/predict", json={"transactions": []}, timeout=10)
+        requests.post(f"{url}/predict", json={"transactions": [{"Time": 1}]}, timeout=10)
+        return {"rows": sent, "good_json": good, "bad": bad}
+
+    def test_every_panel_query_returns_data(self, stack, load) -> None:
+        assert self.wait_for(lambda: self.query(stack, "sum(fraud_rows_scored_total)"))
+        time.sleep(3)  # a few more scrapes, so rate() windows hold two samples
+        empty = []
+        for panel in panel_queries(rate_window="1m"):
+            for target in panel["targets"]:
+                if not self.wait_for(lambda e=target["expr"]: self.query(stack, e), 15):
+                    empty.append((panel["title"], target["expr"]))
+        assert not empty, f"panels with no data: {empty}"
+
+    def test_numbers_agree_with_the_load(self, stack, load) -> None:
+        def scalar(expr: str) -> float:
+            result = self.query(stack, expr)
+            return float(result[0]["value"][1]) if result else -1.0
+
+        assert self.wait_for(lambda: scalar("sum(fraud_rows_scored_total)") == load["rows"])
+        ok = 'sum(bentoml_service_request_total{endpoint="/predict", http_response_code="200"})'
+        assert scalar(ok) == load["good_json"]
+        for reason, count in load["bad"].items():
+            expr = f'sum(fraud_validation_failures_total{{reason="{reason}"}})'
+            assert scalar(expr) == count, reason
+        assert scalar('count(up{job="fraud-scoring"} == 1)') == 1
+        assert scalar("sum(fraud_probability_count)") == load["rows"]
+        version = self.query(stack, "fraud_model_info")[0]["metric"]["model_version"]
+        registry = json.loads((stack["workspace"] / "models/registry.json").read_text())
+        assert int(version) == registry["version"]
+
+    def test_snapshot_renders(self, stack, load) -> None:
+        out = render(stack["prometheus"], minutes=0.75, out=ARTIFACTS / "monitoring_snapshot.png")
+        assert out.stat().st_size > 50_000
+
+    def test_drift_rises_and_alert_goes_pending(self, stack, load) -> None:
+        rows = pd.read_parquet(stack["workspace"] / "data/split/test.parquet").drop(columns="Class")
+        shifted = rows.head(3000).copy()
+        # A population that looks like fraud on its strongest features.
+        for column in ("V14", "V12", "V10", "V17"):
+            shifted[column] -= 6
+        response = requests.post(
+            f"{stack['service']}/predict_file",
+            timeout=60,
+            files={"file": ("s.csv", shifted.to_csv(index=False))},
+        )
+        assert response.status_code == 200
+
+        def psi() -> float:
+            result = self.query(stack, 'max(fraud_drift_psi{feature="score"})')
+            return float(result[0]["value"][1]) if result else 0.0
+
+        assert self.wait_for(lambda: psi() > 0.2), psi()
+
+        def drift_alert() -> list[dict]:
+            alerts = requests.get(f"{stack['prometheus']}/api/v1/alerts", timeout=10).json()
+            return [
+                a
+                for a in alerts["data"]["alerts"]
+                if a["labels"]["alertname"] == "FraudScoreDrift"
+                and a["state"] in ("pending", "firing")
+            ]
+
+        assert self.wait_for(drift_alert, 30)

@@ -1,0 +1,316 @@
+"""The Streamlit UI: its client logic and AppTest runs against a real `bentoml serve`, and
+an end-to-end run in real headless Chromium against real `streamlit run`."""
+
+from __future__ import annotations
+
+import http.server
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pandas as pd
+import pytest
+import requests
+
+from .conftest import (
+    BIN,
+    REAL_SAMPLE,
+    ROOT,
+    build_workspace,
+    free_port,
+    start_bento,
+    stop,
+    wait_until_ready,
+)
+
+sys.path.insert(0, str(ROOT / "ui"))
+import client  # noqa: E402
+
+pytestmark = pytest.mark.integration
+SAMPLE = ROOT / "ui" / "sample_transactions.csv"
+ARTIFACTS = ROOT / "test-artifacts"
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory) -> Iterator[dict]:
+    base = tmp_path_factory.mktemp("ui")
+    ws, env = build_workspace(base)
+    tag = json.loads((ws / "models/bento.json").read_text())["bento"]
+    process, url = start_bento(tag, env, base / "serve.log")
+    yield {"url": url, "workspace": ws, "env": env, "base": base}
+    stop(process)
+
+
+@pytest.fixture(scope="module")
+def contract(service) -> dict:
+    return client.fetch_contract(service["url"])
+
+
+def _served_probabilities(url: str, frame: pd.DataFrame) -> np.ndarray:
+    response = requests.post(
+        f"{url}/predict_file", timeout=60, files={"file": ("f.csv", frame.to_csv(index=False))}
+    )
+    assert response.status_code == 200
+    return pd.read_csv(io.StringIO(response.text))["fraud_probability"].to_numpy()
+
+
+# --- client logic against the real service -------------------------------------------
+
+
+def test_contract_check_names_columns_and_rows(contract) -> None:
+    frame = pd.read_csv(SAMPLE)
+    assert client.check_against_contract(frame, contract) == []
+    bad = frame.drop(columns=["V2"]).astype({"V5": object})
+    bad.loc[[0, 6], "V5"] = "x"
+    bad.loc[3, "Amount"] = -1
+    problems = client.check_against_contract(bad, contract)
+    assert "Missing columns: V2." in problems
+    assert "Column V5 is not a number in rows 1, 7." in problems
+    assert "Column Amount is below 0 in rows 4." in problems
+
+
+def test_chunks_match_single_request(service, contract) -> None:
+    frame = pd.read_csv(SAMPLE)
+    seen = []
+    run = client.score_in_chunks(
+        frame,
+        service["url"],
+        contract,
+        rows_per_chunk=300,
+        progress=lambda done, total, s: seen.append(done),
+    )
+    assert run.error is None and seen == [300, 600, 900, 1000]
+    np.testing.assert_allclose(
+        run.result["fraud_probability"], _served_probabilities(service["url"], frame), rtol=1e-12
+    )
+
+
+def test_bad_chunk_keeps_earlier_chunks(service, contract) -> None:
+    frame = pd.read_csv(SAMPLE)
+    frame.loc[650, "V1"] = 1e9  # out of the contract's range: the service says 422
+    run = client.score_in_chunks(frame, service["url"], contract, rows_per_chunk=300)
+    assert run.rows_done == 600 and len(run.result) == 600 and run.retries == 0
+    assert "Rows 601-900 could not be scored" in run.error and "(422)" in run.error
+    assert "'V1'" in run.error and "(rows 50)" in run.error
+
+
+class FlakyProxy:
+    """A real HTTP server in front of the service that answers 503 to the first
+    `failures` requests, then forwards: a transient outage, as a load balancer shows it."""
+
+    def __init__(self, target: str, failures: int) -> None:
+        self.failures, self.seen = failures, 0
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                proxy.seen += 1
+                if proxy.seen <= proxy.failures:
+                    self.send_response(503)
+                    self.end_headers()
+                    return
+                upstream = requests.post(
+                    target + self.path,
+                    data=body,
+                    timeout=60,
+                    headers={"Content-Type": self.headers["Content-Type"]},
+                )
+                self.send_response(upstream.status_code)
+                self.send_header("Content-Length", str(len(upstream.content)))
+                self.end_headers()
+                self.wfile.write(upstream.content)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def test_transient_failures_are_retried(service, contract) -> None:
+    proxy = FlakyProxy(service["url"], failures=2)
+    frame = pd.read_csv(SAMPLE)
+    try:
+        run = client.score_in_chunks(frame, proxy.url, contract, rows_per_chunk=500, backoff=0.01)
+    finally:
+        proxy.server.shutdown()
+    assert run.error is None and run.retries == 2 and len(run.result) == 1000
+
+
+def test_persistent_outage_is_explained(contract) -> None:
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens here
+    run = client.score_in_chunks(pd.read_csv(SAMPLE), url, contract, backoff=0.01)
+    assert run.rows_done == 0 and run.retries == client.RETRIES
+    assert "not reachable" in run.error and "Traceback" not in run.error
+
+
+def test_threshold_summary() -> None:
+    p = np.array([0.9, 0.6, 0.2, 0.01])
+    costs = {"cost_missed_fraud": 100.0, "cost_false_alarm": 5.0}
+    labelled = client.threshold_summary(p, 0.5, costs, np.array([1, 0, 1, 0]))
+    assert (labelled["flagged"], labelled["true_positives"], labelled["false_negatives"]) == (
+        2,
+        1,
+        1,
+    )
+    assert labelled["expected_cost"] == 105.0 and labelled["precision"] == 0.5
+    unlabelled = client.threshold_summary(p, 0.5, costs)
+    assert unlabelled["expected_cost"] == pytest.approx(0.1 * 5 + 0.4 * 5 + 0.2 * 100 + 0.01 * 100)
+
+
+# --- the page, through Streamlit's AppTest --------------------------------------------
+
+
+def _app(url: str):
+    from streamlit.testing.v1 import AppTest
+
+    os.environ["FRAUD_SERVICE_URL"] = url
+    return AppTest.from_file(str(ROOT / "ui" / "app.py"), default_timeout=120)
+
+
+def _metrics(at) -> dict[str, str]:
+    return {m.label: m.value for m in at.metric}
+
+
+def test_app_scores_the_sample(service, contract) -> None:
+    at = _app(service["url"]).run()
+    assert not at.exception
+    assert "Service is up" in [s.value for s in at.sidebar.success]
+    assert at.sidebar.slider[0].value == pytest.approx(contract["threshold"], abs=5e-4)
+    at.button[0].click().run()  # "Try a sample"
+    assert not at.exception and not at.error
+    shown = _metrics(at)
+    frame = pd.read_csv(SAMPLE)
+    probabilities = _served_probabilities(service["url"], frame)
+    threshold = at.sidebar.slider[0].value
+    assert shown["Rows scored"] == "1,000"
+    assert shown["Flagged"] == f"{int((probabilities >= threshold).sum()):,}"
+    summary = client.threshold_summary(
+        probabilities, threshold, contract["costs"], frame["Class"].to_numpy()
+    )
+    assert shown["Precision / recall"] == f"{summary['precision']:.2f} / {summary['recall']:.2f}"
+    # Moving the threshold recomputes from the scores, without scoring again.
+    at.sidebar.slider[0].set_value(0.0).run()
+    assert _metrics(at)["Flagged"] == "1,000"
+
+
+def test_app_refuses_a_bad_file_before_sending(service) -> None:
+    at = _app(service["url"])
+    bad = pd.read_csv(SAMPLE).drop(columns=["Amount"])
+    at.session_state["source"] = ("bad.csv", bad.to_csv(index=False).encode())
+    at.run()
+    errors = " ".join(e.value for e in at.error)
+    assert "not sent" in errors and "Missing columns: Amount." in errors
+    assert not at.metric
+
+
+def test_app_says_when_service_is_down() -> None:
+    at = _app(f"http://127.0.0.1:{free_port()}").run()
+    assert not at.exception
+    assert any("down or unreachable" in e.value for e in at.sidebar.error)
+
+
+# --- end to end in a real browser -----------------------------------------------------
+
+
+def _chromium() -> tuple[str, str]:
+    browser, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (browser and driver):
+        if os.environ.get("CI") == "true":
+            pytest.fail("chromium and chromium-driver are required in CI (.ci/run installs them)")
+        pytest.skip(
+            "chromium / chromedriver not installed (apt-get install chromium chromium-driver)"
+        )
+    return browser, driver
+
+
+def test_browser_end_to_end(service, tmp_path) -> None:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser, driver_path = _chromium()
+    upload = REAL_SAMPLE if REAL_SAMPLE.is_file() else SAMPLE
+    port = free_port()
+    log = open(tmp_path / "streamlit.log", "w")
+    app = subprocess.Popen(
+        [
+            str(BIN / "streamlit"),
+            "run",
+            str(ROOT / "ui" / "app.py"),
+            "--server.address",
+            "127.0.0.1",
+            "--server.port",
+            str(port),
+            "--server.headless",
+            "true",
+            "--browser.gatherUsageStats",
+            "false",
+            "--server.maxUploadSize",
+            "300",
+        ],
+        env={**os.environ, "FRAUD_SERVICE_URL": service["url"]},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=1400,2200",
+        f"--user-data-dir={tmp_path / 'chrome-profile'}",
+    ):
+        options.add_argument(flag)
+    driver = None
+    try:
+        wait_until_ready(f"http://127.0.0.1:{port}/_stcore/health", app)
+        driver = webdriver.Chrome(service=Service(driver_path), options=options)
+        driver.get(f"http://127.0.0.1:{port}")
+        wait = WebDriverWait(driver, 90)
+        wait.until(ec.text_to_be_present_in_element((By.TAG_NAME, "body"), "Service is up"))
+        file_input = wait.until(
+            ec.presence_of_element_located((By.CSS_SELECTOR, "input[type=file]"))
+        )
+        file_input.send_keys(str(upload))
+        score = wait.until(ec.element_to_be_clickable((By.XPATH, "//button[.//p[text()='Score']]")))
+        score.click()
+        wait.until(ec.text_to_be_present_in_element((By.TAG_NAME, "body"), "Top 20 riskiest"))
+        time.sleep(2)  # let the charts draw before the screenshot
+        metrics = {
+            m.find_element(By.CSS_SELECTOR, "[data-testid=stMetricLabel]").text: m.find_element(
+                By.CSS_SELECTOR, "[data-testid=stMetricValue]"
+            ).text
+            for m in driver.find_elements(By.CSS_SELECTOR, "[data-testid=stMetric]")
+        }
+        frame = pd.read_csv(upload)
+        contract = client.fetch_contract(service["url"])
+        probabilities = _served_probabilities(service["url"], frame)
+        assert metrics["Rows scored"] == f"{len(frame):,}"
+        assert metrics["Flagged"] == f"{int((probabilities >= contract['threshold']).sum()):,}"
+        ARTIFACTS.mkdir(exist_ok=True)
+        height = driver.execute_script("return document.body.scrollHeight")
+        driver.set_window_size(1400, max(2200, height + 200))
+        driver.save_screenshot(str(ARTIFACTS / "ui_scored.png"))
+    finally:
+        if driver is not None:
+            driver.quit()
+        stop(app)

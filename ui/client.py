@@ -1,0 +1,228 @@
+"""The UI's side of the service: contract checks, chunked scoring with retries, and the
+numbers shown for a threshold. HTTP only; the model never loads here."""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import requests
+from sklearn.metrics import precision_recall_curve
+
+EXAMPLE_ROWS = 5
+RETRIES = 3
+
+
+class ServiceError(RuntimeError):
+    """The service could not be used; the message is meant for a person."""
+
+
+def _headers(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+def _explain(exc: Exception | None, response: requests.Response | None, url: str) -> str:
+    if isinstance(exc, requests.ConnectionError):
+        return f"The scoring service at {url} is not reachable. Is it running (make serve)?"
+    if isinstance(exc, requests.Timeout):
+        return f"The scoring service at {url} did not answer in time."
+    if response is not None:
+        if response.status_code == 401:
+            return "The service refused the API key (401). Check the key in the sidebar."
+        try:
+            body = response.json()
+        except ValueError:
+            body = {}
+        message = body.get("error") if isinstance(body, dict) else None
+        rows = body.get("rows") if isinstance(body, dict) else None
+        where = f" (rows {', '.join(map(str, rows))})" if rows else ""
+        if message:
+            return f"The service rejected the request ({response.status_code}): {message}{where}"
+        return f"The service answered {response.status_code}."
+    return f"Unexpected error talking to {url}: {exc}"
+
+
+def fetch_contract(url: str, api_key: str | None = None, timeout: float = 5) -> dict[str, Any]:
+    try:
+        response = requests.get(f"{url}/schema", headers=_headers(api_key), timeout=timeout)
+    except requests.RequestException as exc:
+        raise ServiceError(_explain(exc, None, url)) from None
+    if response.status_code != 200:
+        raise ServiceError(_explain(None, response, url))
+    return response.json()
+
+
+def is_ready(url: str, timeout: float = 3) -> bool:
+    try:
+        return requests.get(f"{url}/readyz", timeout=timeout).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+def read_file(name: str, data: bytes) -> pd.DataFrame:
+    """CSV (the real creditcard.csv format included) or Parquet, by name or magic bytes."""
+    if data[:4] == b"PAR1" or name.lower().endswith((".parquet", ".pq")):
+        return pd.read_parquet(io.BytesIO(data))
+    return pd.read_csv(io.BytesIO(data))
+
+
+def check_against_contract(frame: pd.DataFrame, contract: dict[str, Any]) -> list[str]:
+    """Problems that the service would reject, each naming the column and rows (1-based,
+    as a spreadsheet counts data rows). Empty when the file can be sent."""
+    problems = []
+    if len(frame) == 0:
+        return ["The file has no rows."]
+    names = [f["name"] for f in contract["features"]]
+    missing = [n for n in names if n not in frame.columns]
+    if missing:
+        problems.append(f"Missing columns: {', '.join(missing)}.")
+    for spec in contract["features"]:
+        name = spec["name"]
+        if name not in frame.columns:
+            continue
+        values = pd.to_numeric(frame[name], errors="coerce")
+        numbers = values.to_numpy(dtype="float64")
+        rules = [
+            (values.isna().to_numpy() & frame[name].notna().to_numpy(), "is not a number"),
+            (frame[name].isna().to_numpy(), "is empty"),
+            (np.isinf(numbers), "is infinite"),
+        ]
+        low, high = spec.get("valid_min"), spec.get("valid_max")
+        finite = np.isfinite(numbers)
+        if low is not None:
+            rules.append((finite & (numbers < low), f"is below {low:g}"))
+        if high is not None:
+            rules.append((finite & (numbers > high), f"is above {high:g}"))
+        for mask, rule in rules:
+            if mask.any():
+                rows = ", ".join(str(i + 1) for i in np.flatnonzero(mask)[:EXAMPLE_ROWS])
+                more = (
+                    f" and {int(mask.sum()) - EXAMPLE_ROWS} more"
+                    if mask.sum() > EXAMPLE_ROWS
+                    else ""
+                )
+                problems.append(f"Column {name} {rule} in rows {rows}{more}.")
+    return problems
+
+
+def chunk_size(contract: dict[str, Any], frame: pd.DataFrame, wanted: int = 50_000) -> int:
+    """Rows per request within the service's row and byte limits (Parquet, ~8 B a cell
+    uncompressed, with a 2x margin)."""
+    limits = contract.get("limits", {})
+    by_rows = int(limits.get("max_rows_per_request", wanted))
+    by_bytes = int(limits.get("max_payload_bytes", 1 << 40)) // max(1, 16 * frame.shape[1])
+    return max(1, min(wanted, by_rows, by_bytes))
+
+
+@dataclass
+class ScoringRun:
+    scored: list[pd.DataFrame] = field(default_factory=list)
+    rows_done: int = 0
+    seconds: float = 0.0
+    retries: int = 0
+    error: str | None = None
+
+    @property
+    def result(self) -> pd.DataFrame:
+        return pd.concat(self.scored, ignore_index=True) if self.scored else pd.DataFrame()
+
+
+def score_in_chunks(
+    frame: pd.DataFrame,
+    url: str,
+    contract: dict[str, Any],
+    api_key: str | None = None,
+    rows_per_chunk: int | None = None,
+    progress: Callable[[int, int, float], None] | None = None,
+    timeout: float = 120,
+    backoff: float = 0.5,
+) -> ScoringRun:
+    """Send `frame` in chunks to /predict_file (Parquet both ways). A chunk that fails with
+    a 5xx, a timeout or a lost connection is retried; a persistent failure stops the run
+    and keeps the chunks already scored. A 4xx is not retried: the data is at fault."""
+    run = ScoringRun()
+    size = rows_per_chunk or chunk_size(contract, frame)
+    start = time.perf_counter()
+    for offset in range(0, len(frame), size):
+        part = frame.iloc[offset : offset + size]
+        buffer = io.BytesIO()
+        part.to_parquet(buffer, index=False)
+        payload = buffer.getvalue()
+        for attempt in range(RETRIES + 1):
+            exc, response = None, None
+            try:
+                response = requests.post(
+                    f"{url}/predict_file",
+                    headers=_headers(api_key),
+                    timeout=timeout,
+                    files={"file": ("chunk.parquet", payload)},
+                    data={"output_format": "parquet"},
+                )
+            except requests.RequestException as error:
+                exc = error
+            if response is not None and response.status_code == 200:
+                scored = pd.read_parquet(io.BytesIO(response.content))
+                run.scored.append(scored[["fraud_probability", "risk_band"]])
+                break
+            transient = exc is not None or (response is not None and response.status_code >= 500)
+            if not transient or attempt == RETRIES:
+                first, last = offset + 1, offset + len(part)
+                run.error = (
+                    f"Rows {first}-{last} could not be scored: {_explain(exc, response, url)}"
+                )
+                run.seconds = time.perf_counter() - start
+                return run
+            run.retries += 1
+            time.sleep(backoff * 2**attempt)
+        run.rows_done += len(part)
+        run.seconds = time.perf_counter() - start
+        if progress:
+            progress(run.rows_done, len(frame), run.seconds)
+    return run
+
+
+def threshold_summary(
+    probabilities: np.ndarray,
+    threshold: float,
+    costs: dict[str, float],
+    labels: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """What the page shows for a threshold. Without labels the expected cost comes from the
+    calibrated probabilities themselves: a flagged row costs a review with probability
+    1 - p of being a false alarm, an unflagged one a missed fraud with probability p."""
+    flagged = probabilities >= threshold
+    summary: dict[str, Any] = {
+        "rows": len(probabilities),
+        "flagged": int(flagged.sum()),
+        "flagged_share": float(flagged.mean()) if len(flagged) else 0.0,
+    }
+    c_fn, c_fp = float(costs["cost_missed_fraud"]), float(costs["cost_false_alarm"])
+    if labels is None:
+        summary["expected_cost"] = float(
+            np.sum((1 - probabilities[flagged]) * c_fp) + np.sum(probabilities[~flagged] * c_fn)
+        )
+        return summary
+    labels = labels.astype(bool)
+    tp, fp = int((flagged & labels).sum()), int((flagged & ~labels).sum())
+    fn = int((~flagged & labels).sum())
+    summary.update(
+        {
+            "expected_cost": float(c_fp * fp + c_fn * fn),
+            "true_positives": tp,
+            "false_positives": fp,
+            "false_negatives": fn,
+            "precision": tp / (tp + fp) if tp + fp else 0.0,
+            "recall": tp / (tp + fn) if tp + fn else 0.0,
+        }
+    )
+    return summary
+
+
+def pr_curve(probabilities: np.ndarray, labels: np.ndarray) -> pd.DataFrame:
+    precision, recall, _ = precision_recall_curve(labels, probabilities)
+    return pd.DataFrame({"recall": recall, "precision": precision})
