@@ -39,7 +39,7 @@ pipeline: setup
 	$(BIN)/dvc repro
 	@echo "Pipeline done: metrics in metrics/, plots in plots/ (dvc plots show), model and Bento in models/."
 
-run: pipeline serve
+run: pipeline up
 
 serve: setup
 	@test -f models/bento.json || { echo "no Bento yet: run 'make pipeline' first"; exit 1; }

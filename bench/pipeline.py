@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -20,6 +19,9 @@ import time
 from pathlib import Path
 
 import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from stages.lib.project import copy_checkout  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -40,33 +42,13 @@ def timed(args: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, float
     return wall, usage.ru_maxrss / 1024
 
 
-def copy_project(dest: Path) -> None:
-    files = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
-    for name in files:
-        if (ROOT / name).is_file():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, dest / name)
-    for cmd in (
-        ["git", "init", "-q"],
-        ["git", "add", "-A"],
-        ["git", "-c", "user.name=bench", "-c", "user.email=b@b", "commit", "-qm", "b"],
-    ):
-        subprocess.run(cmd, cwd=dest, check=True, capture_output=True)
-
-
 def main() -> None:
     stages = list(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     with tempfile.TemporaryDirectory(prefix="fraudops-bench-") as scratch:
         base = Path(scratch)
         ws = base / "repo"
-        copy_project(ws)
+        copy_checkout(ROOT, ws)
         env = {
             **os.environ,
             "PATH": f"{BIN}:{os.environ['PATH']}",

@@ -51,11 +51,11 @@ def _api_key() -> str | None:
     return os.environ.get("FRAUD_API_KEY") or None
 
 
-def _authorized(headers: Any) -> bool:
+def _authorized(headers: dict[bytes, bytes]) -> bool:
     key = _api_key()
     if key is None:
         return True
-    sent = headers.get("authorization", "")
+    sent = headers.get(b"authorization", b"").decode("latin-1")
     scheme, _, token = sent.partition(" ")
     return scheme.lower() == "bearer" and hmac.compare_digest(token.encode(), key.encode())
 
@@ -84,7 +84,8 @@ CONTENT_TYPES = {"/predict": ("application/json",), "/predict_file": ("multipart
 
 class RequestGuard:
     """Before a body is read: refuse one over MAX_BYTES (from Content-Length) with 413,
-    and a content type the route does not take with 415."""
+    a scoring call without the API key (when FRAUD_API_KEY is set) with 401, and a
+    content type the route does not take with 415."""
 
     def __init__(self, app: Any, max_bytes: int) -> None:
         self.app, self.max_bytes = app, max_bytes
@@ -100,11 +101,16 @@ class RequestGuard:
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope.get("method") == "POST":
             headers = dict(scope.get("headers") or [])
+            accepted = CONTENT_TYPES.get(scope.get("path", "").rstrip("/"))
+            # The key first: an unauthenticated caller learns nothing about the limits.
+            if accepted and not _authorized(headers):
+                return await self._refuse(
+                    scope, receive, send, 401, "auth", "missing or wrong API key"
+                )
             length = headers.get(b"content-length", b"")
             if length.isdigit() and int(length) > self.max_bytes:
                 message = f"the request has {int(length)} bytes; the limit is {self.max_bytes}"
                 return await self._refuse(scope, receive, send, 413, "max-bytes", message)
-            accepted = CONTENT_TYPES.get(scope.get("path", "").rstrip("/"))
             sent = headers.get(b"content-type", b"").decode("latin-1").split(";")[0].strip()
             if accepted and sent.lower() not in accepted:
                 message = (
@@ -210,10 +216,6 @@ class FraudScoring:
     ) -> dict[str, Any]:
         """Score a JSON batch: one result per transaction, in input order."""
         request_id = uuid.uuid4().hex[:12]
-        if not _authorized(ctx.request.headers):
-            return self._reject(
-                ctx, RequestError(401, "auth", "missing or wrong API key"), request_id
-            )
         try:
             cut = self._check_threshold(threshold)
             if len(transactions) > MAX_JSON_ROWS:
@@ -241,10 +243,6 @@ class FraudScoring:
     ) -> Annotated[Path, ContentType("text/csv")]:
         """Score an uploaded CSV or Parquet file; return it with the score columns added."""
         request_id = uuid.uuid4().hex[:12]
-        if not _authorized(ctx.request.headers):
-            return self._reject(
-                ctx, RequestError(401, "auth", "missing or wrong API key"), request_id
-            )
         try:
             cut = self._check_threshold(threshold)
             if output_format not in ("csv", "parquet"):

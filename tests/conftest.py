@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -14,6 +13,8 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
+
+from stages.lib.project import copy_checkout
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -122,17 +123,7 @@ def build_workspace(base: Path) -> tuple[Path, dict[str, str]]:
     """Copy the project to `base/repo` with its own MLflow store and BentoML home, on a
     small synthetic config, and run the real `dvc repro` there."""
     ws = base / "repo"
-    files = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
-    for name in files:
-        if (ROOT / name).is_file():
-            (ws / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, ws / name)
+    copy_checkout(ROOT, ws)
     env = {
         **os.environ,
         "PATH": f"{BIN}:{os.environ['PATH']}",
@@ -144,11 +135,6 @@ def build_workspace(base: Path) -> tuple[Path, dict[str, str]]:
     set_params(
         ws, data__synthetic__rows=30_000, data__synthetic__fraud_rate=0.01, train__hgb__max_iter=60
     )
-    for cmd in (
-        ["git", "init", "-q"],
-        ["git", "add", "-A"],
-        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"],
-    ):
-        run(cmd, ws, env)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "small"], ws, env)
     run(["dvc", "repro"], ws, env)
     return ws, env

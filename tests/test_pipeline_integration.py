@@ -68,7 +68,7 @@ def test_mlflow_run_and_registry(workspace) -> None:
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     client = MlflowClient()
     registry = json.loads((ws / "models/registry.json").read_text())
-    run = client.getrun(registry["run_id"])
+    run = client.get_run(registry["run_id"])
     assert run.data.params["train.model"] == "hgb"
     assert run.data.metrics["test_average_precision"] == pytest.approx(
         json.loads((ws / "metrics/evaluate.json").read_text())["average_precision"]

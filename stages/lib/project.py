@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -123,3 +124,34 @@ def stage_timer(name: str) -> Iterator[None]:
     log.info("stage %s: start", name)
     yield
     log.info("stage %s: done in %.1f s", name, time.perf_counter() - start)
+
+
+def copy_checkout(source: Path, dest: Path) -> None:
+    """Copy a checkout's files (tracked, and untracked but not ignored) into `dest` and
+    commit them there as a fresh git repo: a scratch project for tests and benchmarks."""
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"],
+        cwd=source,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    for name in files:
+        if (source / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source / name, dest / name)
+    for cmd in (
+        ["git", "init", "-q"],
+        ["git", "add", "-A"],
+        [
+            "git",
+            "-c",
+            "user.name=scratch",
+            "-c",
+            "user.email=scratch@localhost",
+            "commit",
+            "-qm",
+            "scratch copy",
+        ],
+    ):
+        subprocess.run(cmd, cwd=dest, check=True, capture_output=True)
