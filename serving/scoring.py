@@ -15,6 +15,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
+import sklearn
 
 EXAMPLE_ROWS = 5
 
@@ -186,7 +187,10 @@ def risk_band(probabilities: np.ndarray, bands: list[dict[str, Any]]) -> np.ndar
 def score(
     model: Any, features: pd.DataFrame, threshold: float, bands: list[dict[str, Any]]
 ) -> pd.DataFrame:
-    probability = model.predict_proba(features)[:, 1]
+    # validate() has already checked every value is a finite number; skipping sklearn's
+    # own re-checks saves ~2 ms a call, a fifth of a single-row request's model time.
+    with sklearn.config_context(assume_finite=True, skip_parameter_validation=True):
+        probability = model.predict_proba(features)[:, 1]
     return pd.DataFrame(
         {
             "fraud_probability": probability,

@@ -225,8 +225,6 @@ class FraudScoring:
                     f"the batch has {len(transactions)} rows; "
                     f"the JSON limit is {MAX_JSON_ROWS} (use /predict_file)",
                 )
-            if any(not isinstance(t, dict) for t in transactions):
-                raise RequestError(400, "record", "each transaction must be a JSON object")
             scored = self._score(pd.DataFrame.from_records(transactions), cut, MAX_JSON_ROWS)
         except RequestError as exc:
             return self._reject(ctx, exc, request_id)
