@@ -76,6 +76,21 @@ def prometheus_config(service_port: int, prometheus_port: int) -> str:
     return text.replace("  - alerts.yml", f"  - {ROOT / 'monitoring' / 'alerts.yml'}")
 
 
+def ui_command(host: str, port: int) -> list[str]:
+    return [
+        str(BIN / "streamlit"), "run", str(ROOT / "ui" / "app.py"),
+        "--server.address", host, "--server.port", str(port),
+        "--server.headless", "true", "--browser.gatherUsageStats", "false",
+        # the full creditcard.csv is 144 MB; Streamlit's default cap is 200 MB
+        "--server.maxUploadSize", "300",
+    ]  # fmt: skip
+
+
+def prometheus_command(binary: str, config: Path, host: str, port: int, tsdb: Path) -> list[str]:
+    return [binary, f"--config.file={config}", f"--web.listen-address={host}:{port}",
+            f"--storage.tsdb.path={tsdb}"]  # fmt: skip
+
+
 def up() -> None:
     RUN.mkdir(exist_ok=True)
     info = ROOT / "models" / "bento.json"
@@ -96,12 +111,9 @@ def up() -> None:
         config.write_text(prometheus_config(PORTS["service"], PORTS["prometheus"]))
         _start(
             "prometheus",
-            [
-                prometheus,
-                f"--config.file={config}",
-                f"--web.listen-address={HOST}:{PORTS['prometheus']}",
-                f"--storage.tsdb.path={RUN / 'prometheus-data'}",
-            ],
+            prometheus_command(
+                prometheus, config, HOST, PORTS["prometheus"], RUN / "prometheus-data"
+            ),
         )
     else:
         print("prometheus: not found; `apt-get install -y prometheus` (Debian) to get it")
@@ -109,22 +121,7 @@ def up() -> None:
     if (ROOT / "ui" / "app.py").exists():
         _start(
             "ui",
-            [
-                str(BIN / "streamlit"),
-                "run",
-                "ui/app.py",
-                "--server.address",
-                HOST,
-                "--server.port",
-                str(PORTS["ui"]),
-                "--server.headless",
-                "true",
-                "--browser.gatherUsageStats",
-                "false",
-                # the full creditcard.csv is 144 MB; Streamlit's default cap is 200 MB
-                "--server.maxUploadSize",
-                "300",
-            ],
+            ui_command(HOST, PORTS["ui"]),
             env={"FRAUD_SERVICE_URL": service},
         )
 

@@ -46,26 +46,31 @@ def wait_until_ready(url: str, process: subprocess.Popen, timeout: float = 90.0)
     raise TimeoutError(f"{url} did not answer within {timeout} s")
 
 
+def start_server(
+    args: list[str], env: dict[str, str], log_path: Path, ready_url: str
+) -> subprocess.Popen:
+    """Start a server in its own process group, logging to `log_path`; return it once
+    `ready_url` answers 200 (or raise with the log's tail)."""
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        wait_until_ready(ready_url, process)
+    except Exception:
+        stop(process)
+        raise RuntimeError(f"{args[0]} failed; log:\n{log_path.read_text()[-3000:]}") from None
+    return process
+
+
 def start_bento(
     bento_tag: str, env: dict[str, str], log_path: Path
 ) -> tuple[subprocess.Popen, str]:
     """`bentoml serve` the tag on a free loopback port; return the process and base URL."""
     port = free_port()
-    log = open(log_path, "w")
-    process = subprocess.Popen(
-        [str(BIN / "bentoml"), "serve", bento_tag, "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
     url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_ready(f"{url}/readyz", process)
-    except Exception:
-        stop(process)
-        raise RuntimeError(f"bentoml serve failed; log:\n{log_path.read_text()[-3000:]}") from None
-    return process, url
+    args = [str(BIN / "bentoml"), "serve", bento_tag, "--host", "127.0.0.1", "--port", str(port)]
+    return start_server(args, env, log_path, f"{url}/readyz"), url
 
 
 def stop(process: subprocess.Popen) -> None:

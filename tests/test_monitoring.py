@@ -14,9 +14,9 @@ import pytest
 import requests
 
 from monitoring.snapshot import panel_queries, render
-from monitoring.stack import prometheus_config
+from monitoring.stack import prometheus_command, prometheus_config
 
-from .conftest import ROOT, build_workspace, free_port, start_bento, stop, wait_until_ready
+from .conftest import ROOT, build_workspace, free_port, start_bento, start_server, stop
 
 MONITORING = ROOT / "monitoring"
 ARTIFACTS = ROOT / "test-artifacts"
@@ -74,21 +74,10 @@ class TestLiveStack:
                 "evaluation_interval: 5s", "evaluation_interval: 1s"
             )
         )
-        log = open(base / "prometheus.log", "w")
-        prom = subprocess.Popen(
-            [
-                prometheus,
-                f"--config.file={config}",
-                f"--web.listen-address=127.0.0.1:{port}",
-                f"--storage.tsdb.path={base / 'tsdb'}",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
         prom_url = f"http://127.0.0.1:{port}"
+        args = prometheus_command(prometheus, config, "127.0.0.1", port, base / "tsdb")
+        prom = start_server(args, dict(os.environ), base / "prometheus.log", f"{prom_url}/-/ready")
         try:
-            wait_until_ready(f"{prom_url}/-/ready", prom)
             yield {"service": url, "prometheus": prom_url, "workspace": ws}
         finally:
             stop(prom)

@@ -8,7 +8,6 @@ import io
 import json
 import os
 import shutil
-import subprocess
 import sys
 import threading
 import time
@@ -19,16 +18,9 @@ import pandas as pd
 import pytest
 import requests
 
-from .conftest import (
-    BIN,
-    REAL_SAMPLE,
-    ROOT,
-    build_workspace,
-    free_port,
-    start_bento,
-    stop,
-    wait_until_ready,
-)
+from monitoring.stack import ui_command
+
+from .conftest import REAL_SAMPLE, ROOT, build_workspace, free_port, start_bento, start_server, stop
 
 sys.path.insert(0, str(ROOT / "ui"))
 import client  # noqa: E402
@@ -243,28 +235,6 @@ def test_browser_end_to_end(service, tmp_path) -> None:
     browser, driver_path = _chromium()
     upload = REAL_SAMPLE if REAL_SAMPLE.is_file() else SAMPLE
     port = free_port()
-    log = open(tmp_path / "streamlit.log", "w")
-    app = subprocess.Popen(
-        [
-            str(BIN / "streamlit"),
-            "run",
-            str(ROOT / "ui" / "app.py"),
-            "--server.address",
-            "127.0.0.1",
-            "--server.port",
-            str(port),
-            "--server.headless",
-            "true",
-            "--browser.gatherUsageStats",
-            "false",
-            "--server.maxUploadSize",
-            "300",
-        ],
-        env={**os.environ, "FRAUD_SERVICE_URL": service["url"]},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
     options = webdriver.ChromeOptions()
     options.binary_location = browser
     for flag in (
@@ -281,8 +251,13 @@ def test_browser_end_to_end(service, tmp_path) -> None:
     ):
         options.add_argument(flag)
     driver = None
+    app = start_server(
+        ui_command("127.0.0.1", port),
+        {**os.environ, "FRAUD_SERVICE_URL": service["url"]},
+        tmp_path / "streamlit.log",
+        f"http://127.0.0.1:{port}/_stcore/health",
+    )
     try:
-        wait_until_ready(f"http://127.0.0.1:{port}/_stcore/health", app)
         driver = webdriver.Chrome(service=Service(driver_path), options=options)
         driver.get(f"http://127.0.0.1:{port}")
         wait = WebDriverWait(driver, 90)
