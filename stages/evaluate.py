@@ -16,6 +16,7 @@ from stages.lib.project import (
     atomic_path,
     configure_environment,
     file_md5,
+    flatten,
     load_params,
     setup_logging,
     stage_timer,
@@ -67,7 +68,7 @@ def main() -> None:
     import mlflow
 
     from stages.lib.registry import register_and_promote
-    from stages.lib.tracking import flatten, resume_run
+    from stages.lib.tracking import resume_run
 
     params = load_params()
     cfg = params["evaluate"]

@@ -20,6 +20,7 @@ from stages.lib.project import (
     atomic_path,
     configure_environment,
     file_md5,
+    flatten,
     git_commit,
     load_params,
     setup_logging,
@@ -27,7 +28,6 @@ from stages.lib.project import (
     workspace_root,
     write_json,
 )
-from stages.lib.tracking import flatten
 
 log = logging.getLogger("fraudops.package")
 MODEL = Path("models/model.joblib")

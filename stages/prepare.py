@@ -6,6 +6,8 @@ import logging
 from dataclasses import asdict
 from pathlib import Path
 
+import pandas as pd
+
 from stages.lib.project import (
     atomic_path,
     file_md5,
@@ -23,7 +25,7 @@ REPORT = Path("metrics/prepare.json")
 RAW_DIR = Path("data/raw")
 
 
-def load_source(data: dict) -> tuple[object, str]:
+def load_source(data: dict) -> tuple[pd.DataFrame, str]:
     """Return the raw frame and a description of where it came from."""
     source = str(data["source"])
     if source == "synthetic":

@@ -14,13 +14,13 @@ from stages.lib.project import (
     atomic_path,
     configure_environment,
     file_md5,
+    flatten,
     load_params,
     setup_logging,
     stage_timer,
     write_json,
 )
 from stages.lib.schema import FEATURES, TARGET
-from stages.lib.tracking import untrusted_types
 
 log = logging.getLogger("fraudops.train")
 SPLIT_DIR = Path("data/split")
@@ -35,7 +35,7 @@ def main() -> None:
     import sklearn
     from mlflow.models import infer_signature
 
-    from stages.lib.tracking import flatten, start_training_run
+    from stages.lib.tracking import start_training_run, untrusted_types
 
     params = load_params()
     cfg = params["train"]

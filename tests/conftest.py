@@ -7,7 +7,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -93,12 +92,6 @@ def real_sample() -> Path:
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     # The slow end-to-end modules run last so quick unit failures show first.
     items.sort(key=lambda item: "integration" in item.keywords)
-
-
-@pytest.fixture
-def chdir_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    monkeypatch.chdir(tmp_path)
-    yield tmp_path
 
 
 def run(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -87,6 +88,18 @@ def git_commit() -> str:
     return f"{sha}-dirty" if dirty else sha
 
 
+def flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'train': {'hgb': {'max_iter': 3}}} -> {'train.hgb.max_iter': 3}"""
+    flat: dict[str, Any] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
 def file_md5(path: str | Path, chunk: int = 1 << 20) -> str:
     """md5 of a file's bytes: the same digest DVC records for it in dvc.lock."""
     digest = hashlib.md5()
@@ -112,8 +125,6 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 
 def write_json(path: str | Path, payload: Any) -> None:
-    import json
-
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
 

@@ -12,18 +12,6 @@ from stages.lib.project import configure_environment, git_commit
 EXPERIMENT = "fraudops"
 
 
-def flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{'train': {'hgb': {'max_iter': 3}}} -> {'train.hgb.max_iter': 3}"""
-    flat: dict[str, Any] = {}
-    for key, value in params.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{name}."))
-        else:
-            flat[name] = value
-    return flat
-
-
 def lineage_tags() -> dict[str, str]:
     """Where a run came from: the git commit and, under `dvc exp run`, the experiment."""
     tags = {"git_commit": git_commit()}
