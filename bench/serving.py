@@ -20,12 +20,15 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import joblib
 import numpy as np
 import pandas as pd
 import requests
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script: `python bench/serving.py`
+from stages.lib.modeling import load_model  # noqa: E402
+from stages.lib.project import pipeline_path  # noqa: E402
+
 BIN = Path(sys.executable).parent
 RESULTS = ROOT / "bench" / "results"
 SIZES = (1, 100, 10_000, 100_000)
@@ -40,20 +43,10 @@ def free_port() -> int:
 
 
 def start_server(env: dict[str, str]) -> tuple[subprocess.Popen, str]:
-    tag = json.loads((ROOT / "models/bento.json").read_text())["bento"]
-    if (
-        subprocess.run([str(BIN / "bentoml"), "get", tag], env=env, capture_output=True).returncode
-        != 0
-    ):
-        subprocess.run(
-            [str(BIN / "bentoml"), "import", str(ROOT / "models/fraud_scoring.bento")],
-            env=env,
-            check=True,
-            capture_output=True,
-        )
+    bento = pipeline_path("bento", ROOT)  # the package stage's Bento folder
     port = free_port()
     process = subprocess.Popen(
-        [str(BIN / "bentoml"), "serve", tag, "--host", "127.0.0.1", "--port", str(port)],
+        [str(BIN / "bentoml"), "serve", str(bento), "--host", "127.0.0.1", "--port", str(port)],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -136,7 +129,7 @@ def main() -> None:
     }
     test = pd.read_parquet(ROOT / "data/split/test.parquet").drop(columns="Class")
     frame = pd.concat([test] * (max(SIZES) // len(test) + 1), ignore_index=True).head(max(SIZES))
-    model = joblib.load(ROOT / "models/model.joblib")
+    model = load_model(pipeline_path("model", ROOT))
     baseline = {n: in_process_rows_per_s(model, frame.head(n)) for n in SIZES}
     process, url = start_server(env)
     results = []

@@ -8,7 +8,6 @@ SIGKILL after a grace period).
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -18,6 +17,8 @@ import time
 from pathlib import Path
 from urllib.error import URLError
 from urllib.request import urlopen
+
+from stages.lib.project import pipeline_path
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ROOT / ".run"
@@ -93,16 +94,13 @@ def prometheus_command(binary: str, config: Path, host: str, port: int, tsdb: Pa
 
 def up() -> None:
     RUN.mkdir(exist_ok=True)
-    info = ROOT / "models" / "bento.json"
-    if not info.exists():
+    bento = pipeline_path("bento", ROOT)
+    if not (bento / "bento.yaml").exists():
         raise SystemExit("no Bento yet: run `make pipeline` first")
-    tag = json.loads(info.read_text())["bento"]
     bentoml = str(BIN / "bentoml")
-    if subprocess.run([bentoml, "get", tag], capture_output=True).returncode != 0:
-        subprocess.run(
-            [bentoml, "import", str(ROOT / "models" / "fraud_scoring.bento")], check=True
-        )
-    _start("service", [bentoml, "serve", tag, "--host", HOST, "--port", str(PORTS["service"])])
+    _start(
+        "service", [bentoml, "serve", str(bento), "--host", HOST, "--port", str(PORTS["service"])]
+    )
     service = f"http://{HOST}:{PORTS['service']}"
 
     prometheus = shutil.which("prometheus")

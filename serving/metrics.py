@@ -46,7 +46,9 @@ REFERENCE_FLAGGED_RATIO = Gauge(
 MODEL_INFO = Gauge(
     "fraud_model_info",
     "The model in service (value 1)",
-    ["model_tag", "registered_model", "model_version", "data_md5", "git_commit", "mlflow_run_id"],
+    # Content identities, the same wherever this Bento runs; the registry maps model_md5
+    # to its version and training run (MLflow tag model_md5).
+    ["model_tag", "registered_model", "model_md5", "model_family", "train_data_md5"],
 )
 
 
@@ -54,10 +56,9 @@ def set_model_info(lineage: dict[str, Any], model_tag: str) -> None:
     MODEL_INFO.labels(
         model_tag=model_tag,
         registered_model=lineage["registered_model"],
-        model_version=str(lineage["model_version"]),
-        data_md5=lineage["data_md5"],
-        git_commit=lineage["git_commit"],
-        mlflow_run_id=lineage["mlflow_run_id"],
+        model_md5=lineage["model_md5"],
+        model_family=str(lineage["model_family"]),
+        train_data_md5=str(lineage["train_data_md5"]),
     ).set(1)
 
 

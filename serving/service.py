@@ -1,8 +1,8 @@
 """fraud_scoring: batch fraud scoring over HTTP with BentoML.
 
 The model and its contract (features, valid ranges, threshold, reference distributions,
-lineage) come from the BentoML model bound at build time; nothing here imports the
-training code.
+lineage) come from the BentoML model that the package stage names in the Bento's build
+arguments (`model_tag`); nothing here imports the training code.
 """
 
 from __future__ import annotations
@@ -11,17 +11,18 @@ import hmac
 import json
 import logging
 import os
+import pickle
 import time
 import uuid
 from pathlib import Path
 from typing import Annotated, Any
 
 import bentoml
-import joblib
 import numpy as np
 import pandas as pd
 from bentoml.validators import ContentType
 from drift import DriftWindow
+from pydantic import BaseModel
 from scoring import RequestError, read_upload, score, validate, write_table
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -32,19 +33,33 @@ import metrics
 
 log = logging.getLogger("fraud_scoring")
 
-MODEL_TAG = os.environ.get("FRAUD_MODEL_TAG", "fraud_model:latest")
+
+class BentoArgs(BaseModel):
+    """Build arguments, stored in the Bento (bento.yaml) and restored when it is served."""
+
+    model_tag: str = "fraud_model:latest"  # package passes the champion's content tag
+
+
+ARGS = bentoml.use_arguments(BentoArgs)
 MAX_ROWS = int(os.environ.get("FRAUD_MAX_ROWS", "300000"))
 MAX_JSON_ROWS = int(os.environ.get("FRAUD_MAX_JSON_ROWS", "20000"))
 MAX_BYTES = int(os.environ.get("FRAUD_MAX_BYTES", str(200 * 1024 * 1024)))
 UNKNOWN_COLUMNS = os.environ.get("FRAUD_UNKNOWN_COLUMNS", "ignore")  # or "reject"
 DRIFT_WINDOW = int(os.environ.get("FRAUD_DRIFT_WINDOW_ROWS", "20000"))
 
-MODEL = bentoml.models.BentoModel(MODEL_TAG)
+MODEL = bentoml.models.BentoModel(ARGS.model_tag)
 STORED_MODEL = MODEL.resolve()
 CONTRACT: dict[str, Any] = json.loads(Path(STORED_MODEL.path_of("contract.json")).read_text())
 LINEAGE = CONTRACT["lineage"]
 metrics.set_model_info(LINEAGE, str(STORED_MODEL.tag))
 metrics.REFERENCE_FLAGGED_RATIO.set(CONTRACT["reference"]["flagged_ratio"])
+
+
+def load_model(path: str) -> Any:
+    """The champion's file as the registry stores it (MLflow's pickle format). Pickle runs
+    code on load: the Bento carries only the file the package stage checked by md5."""
+    with open(path, "rb") as fh:
+        return pickle.load(fh)
 
 
 def _api_key() -> str | None:
@@ -158,7 +173,7 @@ class FraudScoring:
     model_ref = MODEL
 
     def __init__(self) -> None:
-        self.model = joblib.load(self.model_ref.path_of("model.joblib"))
+        self.model = load_model(self.model_ref.path_of("model.pkl"))
         self.threshold = float(CONTRACT["threshold"])
         self.bands = CONTRACT["risk_bands"]
         self.drift = DriftWindow(CONTRACT["reference"], DRIFT_WINDOW)
@@ -198,12 +213,11 @@ class FraudScoring:
     def _meta(self, threshold: float, request_id: str) -> dict[str, Any]:
         return {
             "threshold": threshold,
-            "model_version": LINEAGE["model_version"],
             "model_tag": str(STORED_MODEL.tag),
             "request_id": request_id,
             "lineage": {
                 k: LINEAGE[k]
-                for k in ("registered_model", "mlflow_run_id", "data_md5", "git_commit")
+                for k in ("registered_model", "model_md5", "model_family", "train_data_md5")
             },
         }
 
@@ -260,7 +274,7 @@ class FraudScoring:
         ctx.response.status_code = 200
         headers = {
             "X-Request-Id": request_id,
-            "X-Model-Version": str(LINEAGE["model_version"]),
+            "X-Model-Tag": str(STORED_MODEL.tag),
             "X-Threshold": repr(cut),
             "X-Rows": str(len(result)),
             "X-Flagged": str(int(np.sum(scored["is_fraud"]))),

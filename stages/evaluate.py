@@ -1,36 +1,36 @@
-"""evaluate: test metrics, the cost-based threshold, plots, the quality gate, the registry."""
+"""evaluate: test metrics, the cost-based threshold, plots, the quality gate, the registry.
+
+Outputs: the candidate's metrics and plots, and the champion the registry now serves
+(models/champion.json, which package builds). The registry's bookkeeping (versions, run
+ids) goes to MLflow and to models/registry.json, a side file outside the DVC chain.
+"""
 
 from __future__ import annotations
 
 import csv
-import json
 import logging
 from pathlib import Path
 
-import joblib
+import numpy as np
 import pandas as pd
 
 from stages.lib.evaluation import choose_threshold, plot_data, score_metrics
-from stages.lib.modeling import fraud_probability
+from stages.lib.modeling import fraud_probability, load_model
 from stages.lib.project import (
     atomic_path,
     configure_environment,
     file_md5,
     flatten,
-    load_params,
     setup_logging,
+    stage_params,
+    stage_paths,
     stage_timer,
     write_json,
 )
 from stages.lib.schema import TARGET
 
 log = logging.getLogger("fraudops.evaluate")
-SPLIT_DIR = Path("data/split")
-MODEL = Path("models/model.joblib")
-RUN_INFO = Path("models/train_run.json")
-METRICS = Path("metrics/evaluate.json")
-PLOTS_DIR = Path("plots")
-REGISTRY = Path("models/registry.json")
+CHAMPION_METRICS = ("average_precision", "roc_auc", "brier", "precision", "recall")
 
 
 class QualityGateError(RuntimeError):
@@ -51,59 +51,96 @@ def check_gate(metrics: dict, gate: dict) -> None:
         )
 
 
-def write_plots(plots: dict[str, list[dict]]) -> None:
+def write_plots(plots: dict[str, list[dict]], out_dir: Path) -> None:
     for name, records in plots.items():
         if name == "confusion":  # one record per test row: CSV keeps it small
-            with atomic_path(PLOTS_DIR / f"{name}.csv") as tmp, open(tmp, "w", newline="") as fh:
+            with atomic_path(out_dir / f"{name}.csv") as tmp, open(tmp, "w", newline="") as fh:
                 writer = csv.DictWriter(fh, fieldnames=["actual", "predicted"])
                 writer.writeheader()
                 writer.writerows(records)
         else:
-            write_json(PLOTS_DIR / f"{name}.json", records)
+            write_json(out_dir / f"{name}.json", records)
+
+
+def evaluate_scores(
+    valid_y: np.ndarray,
+    valid_p: np.ndarray,
+    test_y: np.ndarray,
+    test_p: np.ndarray,
+    cfg: dict,
+) -> tuple[float, dict]:
+    """The cost-optimal threshold on validation, and the test metrics at it."""
+    costs = _costs(cfg)
+    threshold, valid_cost = choose_threshold(valid_y, valid_p, **costs)
+    metrics = score_metrics(
+        test_y, test_p, threshold, review_budget=int(cfg["review_budget"]), **costs
+    )
+    metrics["validation_expected_cost"] = valid_cost
+    return threshold, metrics
+
+
+def _costs(cfg: dict) -> dict[str, float]:
+    return {
+        "cost_missed_fraud": float(cfg["cost_missed_fraud"]),
+        "cost_false_alarm": float(cfg["cost_false_alarm"]),
+    }
+
+
+def champion_record(
+    name: str, md5: str, run_params: dict, run_tags: dict, threshold: float, metrics: dict, cfg
+) -> dict:
+    """What package needs of the champion; content only (no run ids or versions)."""
+    return {
+        "registered_model": name,
+        "model_md5": md5,
+        "model_family": run_tags.get("model_family"),
+        "threshold": threshold,
+        "costs": _costs(cfg),
+        "test_metrics": {k: metrics[k] for k in CHAMPION_METRICS},
+        "lineage": {
+            "train_data_md5": run_tags.get("train_data_md5"),
+            "valid_data_md5": run_tags.get("valid_data_md5"),
+            "params": dict(sorted(run_params.items())),
+        },
+    }
 
 
 def main() -> None:
+    paths = stage_paths(__doc__, "split", "model", "metrics", "plots", "champion")
     setup_logging()
     configure_environment()
     import mlflow
 
     from stages.lib.registry import register_and_promote
-    from stages.lib.tracking import resume_run
+    from stages.lib.tracking import logged_model_for, resume_run
 
-    params = load_params()
-    cfg = params["evaluate"]
-    costs = {
-        "cost_missed_fraud": float(cfg["cost_missed_fraud"]),
-        "cost_false_alarm": float(cfg["cost_false_alarm"]),
-    }
+    cfg = stage_params("evaluate")["evaluate"]
+    # Registry bookkeeping for people and tests, beside the champion; no stage reads it,
+    # so it stays out of the DVC chain. DVC clears neither it nor the champion (a persist
+    # output) before a run, so a failed run must not leave an old one behind.
+    side_file = paths.champion.with_name("registry.json")
+    side_file.unlink(missing_ok=True)
+    paths.champion.unlink(missing_ok=True)
     with stage_timer("evaluate"):
-        model = joblib.load(MODEL)
-        run_info = json.loads(RUN_INFO.read_text())
-        run_id = run_info["run_id"]
-        valid = pd.read_parquet(SPLIT_DIR / "valid.parquet")
-        test = pd.read_parquet(SPLIT_DIR / "test.parquet")
+        model = load_model(paths.model)
+        md5 = file_md5(paths.model)
+        logged = logged_model_for(md5)
+        run_id = logged.source_run_id
+        valid = pd.read_parquet(paths.split / "valid.parquet")
+        test = pd.read_parquet(paths.split / "test.parquet")
         valid_y, test_y = valid[TARGET].to_numpy(), test[TARGET].to_numpy()
         valid_p, test_p = fraud_probability(model, valid), fraud_probability(model, test)
-
-        threshold, valid_cost = choose_threshold(valid_y, valid_p, **costs)
+        threshold, metrics = evaluate_scores(valid_y, valid_p, test_y, test_p, cfg)
         log.info(
-            "threshold %.4f minimises cost on validation (%.0f for %d rows)",
-            threshold,
-            valid_cost,
-            len(valid),
-        )
-        metrics = score_metrics(
-            test_y, test_p, threshold, review_budget=int(cfg["review_budget"]), **costs
-        )
-        metrics["validation_expected_cost"] = valid_cost
-        log.info(
-            "test: AP %.4f, ROC AUC %.4f, Brier %.5f, precision %.3f, recall %.3f at %.4f",
+            "test: AP %.4f, ROC AUC %.4f, Brier %.5f, precision %.3f, recall %.3f at %.4f "
+            "(cost-optimal on %d validation rows)",
             metrics["average_precision"],
             metrics["roc_auc"],
             metrics["brier"],
             metrics["precision"],
             metrics["recall"],
             threshold,
+            len(valid),
         )
 
         with resume_run(run_id):
@@ -118,30 +155,58 @@ def main() -> None:
                 log.error("%s", exc)
                 raise SystemExit(1) from None
             mlflow.set_tag("quality_gate", "passed")
-            plots = plot_data(test_y, test_p, threshold, valid_y, valid_p, **costs)
-            write_plots(plots)
-            mlflow.log_artifacts(str(PLOTS_DIR), artifact_path="plots")
-            registry = register_and_promote(
-                run_info["model_uri"],
+            write_plots(
+                plot_data(test_y, test_p, threshold, valid_y, valid_p, **_costs(cfg)), paths.plots
+            )
+            mlflow.log_artifacts(str(paths.plots), artifact_path=paths.plots.name)
+            outcome = register_and_promote(
+                logged,
                 cfg["registered_model"],
+                md5,
                 candidate_score=metrics["average_precision"],
                 score_champion=lambda champion: score_metrics(
                     test_y,
                     fraud_probability(champion, test),
                     threshold,
                     review_budget=int(cfg["review_budget"]),
-                    **costs,
+                    **_costs(cfg),
                 )["average_precision"],
-                tags={"test_data_md5": file_md5(SPLIT_DIR / "test.parquet")},
             )
             mlflow.set_tags(
                 {
-                    "registered_version": str(registry["version"]),
-                    "promoted_to_champion": str(registry["promoted_to_champion"]),
+                    "registered_version": str(outcome.candidate_version),
+                    "served_by_champion": str(outcome.champion_md5 == md5),
                 }
             )
-        write_json(METRICS, metrics)
-        write_json(REGISTRY, {**registry, "run_id": run_id, "threshold": threshold, **costs})
+
+        if outcome.champion_model is None:  # the candidate is the champion
+            champion_threshold, champion_metrics = threshold, metrics
+        else:  # the champion stays: its own threshold and metrics on today's data
+            champion_threshold, champion_metrics = evaluate_scores(
+                valid_y,
+                fraud_probability(outcome.champion_model, valid),
+                test_y,
+                fraud_probability(outcome.champion_model, test),
+                cfg,
+            )
+        champion_run = mlflow.get_run(outcome.champion_run_id)
+        write_json(paths.metrics, metrics)
+        write_json(
+            paths.champion,
+            champion_record(
+                cfg["registered_model"],
+                outcome.champion_md5,
+                champion_run.data.params,
+                champion_run.data.tags,
+                champion_threshold,
+                champion_metrics,
+                cfg,
+            ),
+        )
+        write_json(
+            side_file,
+            {**outcome.summary(), "candidate_run_id": run_id, "threshold": champion_threshold},
+        )
 
 
 if __name__ == "__main__":

@@ -1,114 +1,135 @@
-"""package: the model and its contract into the BentoML store, built into a Bento, exported.
+"""package: the registry's champion and its contract into a Bento, exported as a folder.
 
-The exported archive under models/ is the DVC output, so the served artifact is hashed in
-dvc.lock like every other stage's output.
+The Bento holds the champion's model file exactly as the registry stores it (checked by
+md5) and a contract built from content alone. The model and Bento versions are hashes of
+what goes in, and creation times in the exported metadata are pinned, so the same
+champion, data and serving code give the same bytes (and the same dvc.lock) anywhere.
+The real build time and the Bento tag are recorded in MLflow instead.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-import os
+import shutil
 from pathlib import Path
+from typing import Any
 
-import joblib
 import pandas as pd
+import yaml
 
 from stages.lib.contract import build_contract
-from stages.lib.modeling import fraud_probability
+from stages.lib.modeling import fraud_probability, load_model
 from stages.lib.project import (
-    atomic_path,
     configure_environment,
-    file_md5,
-    flatten,
-    git_commit,
-    load_params,
     setup_logging,
+    stage_params,
+    stage_paths,
     stage_timer,
     workspace_root,
-    write_json,
 )
 
 log = logging.getLogger("fraudops.package")
-MODEL = Path("models/model.joblib")
-REGISTRY = Path("models/registry.json")
-METRICS = Path("metrics/evaluate.json")
-CONTRACT = Path("models/contract.json")
-BENTO_ARCHIVE = Path("models/fraud_scoring.bento")
-BENTO_INFO = Path("models/bento.json")
-SERVING_DIR = Path("serving")
+BENTOFILE = "bentofile.yaml"
+# Like SOURCE_DATE_EPOCH in reproducible builds: a fixed time in the exported metadata.
+PINNED_CREATION_TIME = "1970-01-01T00:00:00+00:00"
+
+
+def content_version(*parts: bytes) -> str:
+    """A BentoML version (lowercase, <= 63 chars) naming exactly these bytes."""
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(hashlib.sha256(part).digest())
+    return digest.hexdigest()[:20]
+
+
+def source_bytes(serving: Path) -> bytes:
+    """Every file the Bento build reads from the serving folder, in a stable order."""
+    names = sorted(
+        p.relative_to(serving).as_posix()
+        for p in serving.rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts
+    )
+    return b"".join(name.encode() + b"\0" + (serving / name).read_bytes() for name in names)
+
+
+def _pin(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {
+            k: PINNED_CREATION_TIME if k == "creation_time" else _pin(v) for k, v in node.items()
+        }
+    if isinstance(node, list):
+        return [_pin(v) for v in node]
+    return node
+
+
+def pin_creation_times(bento_dir: Path) -> None:
+    """Replace every build-time stamp in the exported bento.yaml and model.yaml files."""
+    for meta in [bento_dir / "bento.yaml", *bento_dir.glob("models/*/*/model.yaml")]:
+        meta.write_text(yaml.safe_dump(_pin(yaml.safe_load(meta.read_text())), sort_keys=False))
 
 
 def main() -> None:
+    paths = stage_paths(__doc__, "champion", "split", "serving", "out")
     setup_logging()
     configure_environment()
     import bentoml
-    import mlflow
+    from bentoml.exceptions import NotFound
 
-    from stages.lib.tracking import resume_run
+    from stages.lib.registry import download_model, tag_version
 
-    params = load_params()
-    cfg = params["package"]
+    cfg = stage_params("package")["package"]
     with stage_timer("package"):
-        model = joblib.load(MODEL)
-        registry = json.loads(REGISTRY.read_text())
-        metrics = json.loads(METRICS.read_text())
-        train = pd.read_parquet("data/split/train.parquet")
-        valid = pd.read_parquet("data/split/valid.parquet")
-        lineage = {
-            "data_md5": file_md5("data/prepared/transactions.parquet"),
-            "train_data_md5": file_md5("data/split/train.parquet"),
-            "git_commit": git_commit(),
-            "dvc_exp_name": os.environ.get("DVC_EXP_NAME"),
-            "mlflow_run_id": registry["run_id"],
-            "registered_model": registry["registered_model"],
-            "model_version": registry["version"],
-            "champion": registry["promoted_to_champion"],
-            "model_family": params["train"]["model"],
-            "params": flatten({k: params[k] for k in ("data", "split", "train", "evaluate")}),
-        }
-        contract = build_contract(
-            train, valid, fraud_probability(model, valid), registry, metrics, lineage, cfg
-        )
+        champion = json.loads(paths.champion.read_text())
+        name, md5 = champion["registered_model"], champion["model_md5"]
+        model_file = download_model(name, "champion", md5)
+        model = load_model(model_file)
+        train = pd.read_parquet(paths.split / "train.parquet")
+        valid = pd.read_parquet(paths.split / "valid.parquet")
+        contract = build_contract(train, valid, fraud_probability(model, valid), champion, cfg)
+        contract_bytes = json.dumps(contract, indent=2).encode()
 
-        labels = {
-            "registered_model": registry["registered_model"],
-            "model_version": str(registry["version"]),
-            "git_commit": lineage["git_commit"][:40],
-        }
-        with bentoml.models.create(
-            cfg["model_name"],
-            labels=labels,
-            metadata={"threshold": contract["threshold"], "mlflow_run_id": registry["run_id"]},
-        ) as stored:
-            joblib.dump(model, stored.path_of("model.joblib"))
-            Path(stored.path_of("contract.json")).write_text(json.dumps(contract, indent=2))
-        log.info("model stored as %s", stored.tag)
+        model_tag = (
+            f"{cfg['model_name']}:{content_version(model_file.read_bytes(), contract_bytes)}"
+        )
+        try:
+            stored = bentoml.models.get(model_tag)
+        except NotFound:
+            with bentoml.models.create(
+                model_tag,
+                labels={"registered_model": name, "model_md5": md5},
+                metadata={"threshold": contract["threshold"]},
+            ) as stored:
+                shutil.copyfile(model_file, stored.path_of("model.pkl"))
+                Path(stored.path_of("contract.json")).write_bytes(contract_bytes)
+        log.info("champion %s (md5 %s) stored as %s", name, md5, stored.tag)
 
-        # The service reads which model to bind from this variable when the Bento is built.
-        os.environ["FRAUD_MODEL_TAG"] = str(stored.tag)
-        bento = bentoml.bentos.build_bentofile(
-            bentofile=str(workspace_root() / SERVING_DIR / "bentofile.yaml"),
-            build_ctx=str(workspace_root() / SERVING_DIR),
-            labels=labels,
+        serving = (workspace_root() / paths.serving).resolve()
+        args = {"model_tag": str(stored.tag)}
+        bento_version = content_version(
+            source_bytes(serving), json.dumps(args, sort_keys=True).encode()
         )
-        log.info("bento built: %s", bento.tag)
-        with atomic_path(BENTO_ARCHIVE) as tmp:
-            exported = bentoml.bentos.export_bento(bento.tag, str(tmp.resolve()))
-            os.replace(exported, tmp)
-        write_json(CONTRACT, contract)
-        write_json(
-            BENTO_INFO,
-            {
-                "bento": str(bento.tag),
-                "model": str(stored.tag),
-                "archive": str(BENTO_ARCHIVE),
-                "model_version": registry["version"],
-            },
-        )
-        with resume_run(registry["run_id"]):
-            mlflow.set_tags({"bento_tag": str(bento.tag), "bento_model_tag": str(stored.tag)})
-            mlflow.log_dict(contract, "contract.json")
+        try:
+            bento = bentoml.bentos.get(f"fraud_scoring:{bento_version}")
+        except NotFound:
+            bento = bentoml.bentos.build_bentofile(
+                bentofile=str(serving / BENTOFILE),
+                build_ctx=str(serving),
+                version=bento_version,
+                labels={"registered_model": name, "model_md5": md5},
+                args=args,
+            )
+        log.info("bento %s", bento.tag)
+
+        out = (workspace_root() / paths.out).resolve()
+        staging = out.with_name(f".{out.name}.tmp")
+        shutil.rmtree(staging, ignore_errors=True)
+        bentoml.bentos.export_bento(bento.tag, str(staging), output_format="folder")
+        pin_creation_times(staging)
+        shutil.rmtree(out, ignore_errors=True)
+        staging.rename(out)
+        tag_version(name, md5, {"bento_tag": str(bento.tag), "bento_model_tag": str(stored.tag)})
 
 
 if __name__ == "__main__":

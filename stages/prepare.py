@@ -11,8 +11,9 @@ import pandas as pd
 from stages.lib.project import (
     atomic_path,
     file_md5,
-    load_params,
     setup_logging,
+    stage_params,
+    stage_paths,
     stage_timer,
     workspace_root,
     write_json,
@@ -20,12 +21,9 @@ from stages.lib.project import (
 from stages.lib.validation import DataValidationError, read_table, validate
 
 log = logging.getLogger("fraudops.prepare")
-OUTPUT = Path("data/prepared/transactions.parquet")
-REPORT = Path("metrics/prepare.json")
-RAW_DIR = Path("data/raw")
 
 
-def load_source(data: dict) -> tuple[pd.DataFrame, str]:
+def load_source(data: dict, raw_dir: Path) -> tuple[pd.DataFrame, str]:
     """Return the raw frame and a description of where it came from."""
     source = str(data["source"])
     if source == "synthetic":
@@ -43,10 +41,10 @@ def load_source(data: dict) -> tuple[pd.DataFrame, str]:
     path = (workspace_root() / source).resolve()
     # Only files under data/raw/ are a DVC dependency of this stage; anything else would
     # change without dvc repro noticing.
-    if (workspace_root() / RAW_DIR).resolve() not in path.parents:
+    if (workspace_root() / raw_dir).resolve() not in path.parents:
         raise DataValidationError(
             "source",
-            f"data.source must be 'synthetic' or a file under {RAW_DIR}/ "
+            f"data.source must be 'synthetic' or a file under {raw_dir}/ "
             f"(so dvc.lock hashes it), got '{source}'",
         )
     log.info("reading %s", path)
@@ -54,11 +52,12 @@ def load_source(data: dict) -> tuple[pd.DataFrame, str]:
 
 
 def main() -> None:
+    paths = stage_paths(__doc__, "raw", "out", "report")
     setup_logging()
-    params = load_params()
+    params = stage_params("prepare")
     with stage_timer("prepare"):
         try:
-            raw, origin = load_source(params["data"])
+            raw, origin = load_source(params["data"], paths.raw)
             clean, report = validate(raw, duplicates=params["data"]["duplicates"])
         except DataValidationError as exc:
             log.error("prepare stopped: %s", exc)
@@ -73,10 +72,10 @@ def main() -> None:
             report.frauds,
             100 * report.frauds / report.rows_out,
         )
-        with atomic_path(OUTPUT) as tmp:
+        with atomic_path(paths.out) as tmp:
             clean.to_parquet(tmp, index=False)
         write_json(
-            REPORT,
+            paths.report,
             {**asdict(report), "source": origin, "fraud_rate": report.frauds / report.rows_out},
         )
 

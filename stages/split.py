@@ -3,24 +3,29 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import pandas as pd
 
-from stages.lib.project import atomic_path, load_params, setup_logging, stage_timer, write_json
+from stages.lib.project import (
+    atomic_path,
+    setup_logging,
+    stage_params,
+    stage_paths,
+    stage_timer,
+    write_json,
+)
+from stages.lib.schema import TARGET
 from stages.lib.splitting import split_frame
 
 log = logging.getLogger("fraudops.split")
-INPUT = Path("data/prepared/transactions.parquet")
-OUT_DIR = Path("data/split")
-REPORT = Path("metrics/split.json")
 
 
 def main() -> None:
+    paths = stage_paths(__doc__, "data", "out", "report")
     setup_logging()
-    cfg = load_params()["split"]
+    cfg = stage_params("split")["split"]
     with stage_timer("split"):
-        frame = pd.read_parquet(INPUT)
+        frame = pd.read_parquet(paths.data)
         parts = split_frame(
             frame,
             strategy=cfg["strategy"],
@@ -30,9 +35,9 @@ def main() -> None:
         )
         report = {}
         for name, part in parts.items():
-            with atomic_path(OUT_DIR / f"{name}.parquet") as tmp:
+            with atomic_path(paths.out / f"{name}.parquet") as tmp:
                 part.to_parquet(tmp, index=False)
-            frauds = int(part["Class"].sum())
+            frauds = int(part[TARGET].sum())
             report[name] = {
                 "rows": len(part),
                 "frauds": frauds,
@@ -47,7 +52,7 @@ def main() -> None:
                 frauds,
                 100 * frauds / len(part),
             )
-        write_json(REPORT, report)
+        write_json(paths.report, report)
 
 
 if __name__ == "__main__":

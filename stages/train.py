@@ -1,12 +1,16 @@
-"""train: fit the chosen model on the train split, calibrate it on the validation split."""
+"""train: fit the chosen model on the train split, calibrate it on the validation split.
+
+The model is serialised once: MLflow logs it (pickle, whose bytes depend only on the
+fitted model, unlike skops' time-stamped zip), and the DVC output is that same file, so
+DVC and the registry hold one artifact under one md5.
+"""
 
 from __future__ import annotations
 
 import logging
+import shutil
 import time
-from pathlib import Path
 
-import joblib
 import pandas as pd
 
 from stages.lib.modeling import build_estimator, calibrate, fraud_probability
@@ -15,34 +19,32 @@ from stages.lib.project import (
     configure_environment,
     file_md5,
     flatten,
-    load_params,
     setup_logging,
+    stage_params,
+    stage_paths,
     stage_timer,
-    write_json,
 )
 from stages.lib.schema import FEATURES, TARGET
 
 log = logging.getLogger("fraudops.train")
-SPLIT_DIR = Path("data/split")
-MODEL = Path("models/model.joblib")
-RUN_INFO = Path("models/train_run.json")
 
 
 def main() -> None:
+    paths = stage_paths(__doc__, "split", "model")
     setup_logging()
     configure_environment()
     import mlflow
     import sklearn
     from mlflow.models import infer_signature
 
-    from stages.lib.tracking import start_training_run, untrusted_types
+    from stages.lib.tracking import MODEL_ARTIFACT, start_training_run
 
-    params = load_params()
+    params = stage_params("train")
     cfg = params["train"]
     with stage_timer("train"):
-        train = pd.read_parquet(SPLIT_DIR / "train.parquet")
-        valid = pd.read_parquet(SPLIT_DIR / "valid.parquet")
-        estimator = build_estimator(cfg["model"], cfg.get(cfg["model"]), seed=int(cfg["seed"]))
+        train = pd.read_parquet(paths.split / "train.parquet")
+        valid = pd.read_parquet(paths.split / "valid.parquet")
+        estimator = build_estimator(cfg["model"], cfg[cfg["model"]], seed=int(cfg["seed"]))
         log.info("fitting %s on %d rows (%d frauds)", cfg["model"], len(train), train[TARGET].sum())
         start = time.perf_counter()
         estimator.fit(train[list(FEATURES)], train[TARGET])
@@ -58,11 +60,11 @@ def main() -> None:
         )
 
         with start_training_run() as run:
-            mlflow.log_params(flatten({k: params[k] for k in ("data", "split", "train")}))
+            mlflow.log_params(flatten(params))
             mlflow.set_tags(
                 {
-                    "train_data_md5": file_md5(SPLIT_DIR / "train.parquet"),
-                    "valid_data_md5": file_md5(SPLIT_DIR / "valid.parquet"),
+                    "train_data_md5": file_md5(paths.split / "train.parquet"),
+                    "valid_data_md5": file_md5(paths.split / "valid.parquet"),
                     "model_family": cfg["model"],
                 }
             )
@@ -79,28 +81,22 @@ def main() -> None:
                 model,
                 name="model",
                 input_example=example,
-                # MLflow stores sklearn models with skops, which refuses types it has not
-                # been told to trust; this model was fitted just above, by this stage.
-                skops_trusted_types=untrusted_types(model),
+                serialization_format=mlflow.sklearn.SERIALIZATION_FORMAT_PICKLE,
                 signature=infer_signature(example, fraud_probability(model, example)),
                 pyfunc_predict_fn="predict_proba",
                 # Inferring requirements re-imports the model in a subprocess (slow); the
                 # model needs scikit-learn alone.
                 pip_requirements=[f"scikit-learn=={sklearn.__version__}"],
             )
-            run_id = run.info.run_id
-        with atomic_path(MODEL) as tmp:
-            joblib.dump(model, tmp)
-        write_json(
-            RUN_INFO,
-            {
-                "run_id": run_id,
-                "model_uri": logged.model_uri,
-                "model": cfg["model"],
-                "fit_seconds": round(fit_seconds, 3),
-            },
-        )
-        log.info("mlflow run %s", run_id)
+            location = mlflow.get_logged_model(logged.model_id).artifact_location
+            local = mlflow.artifacts.download_artifacts(artifact_uri=f"{location}/{MODEL_ARTIFACT}")
+            with atomic_path(paths.model) as tmp:
+                shutil.copyfile(local, tmp)
+            md5 = file_md5(local)
+            # How evaluate and package find this run and model from the DVC output alone.
+            mlflow.set_tag("model_md5", md5)
+            mlflow.set_logged_model_tags(logged.model_id, {"model_md5": md5})
+        log.info("mlflow run %s, model md5 %s", run.info.run_id, md5)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import pytest
 import requests
 import yaml
 
-from stages.lib.project import copy_checkout
+from stages.lib.project import copy_checkout, pipeline_path
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -62,13 +62,19 @@ def start_server(
     return process
 
 
+def bento_dir(workspace: Path) -> Path:
+    """The package stage's Bento folder in `workspace` (its path comes from dvc.yaml)."""
+    return pipeline_path("bento", workspace)
+
+
 def start_bento(
-    bento_tag: str, env: dict[str, str], log_path: Path
+    bento: Path | str, env: dict[str, str], log_path: Path
 ) -> tuple[subprocess.Popen, str]:
-    """`bentoml serve` the tag on a free loopback port; return the process and base URL."""
+    """`bentoml serve` a Bento folder (or tag) on a free loopback port; return the process
+    and base URL."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    args = [str(BIN / "bentoml"), "serve", bento_tag, "--host", "127.0.0.1", "--port", str(port)]
+    args = [str(BIN / "bentoml"), "serve", str(bento), "--host", "127.0.0.1", "--port", str(port)]
     return start_server(args, env, log_path, f"{url}/readyz"), url
 
 
@@ -117,11 +123,11 @@ def set_params(workspace: Path, **changes: object) -> None:
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def build_workspace(base: Path) -> tuple[Path, dict[str, str]]:
-    """Copy the project to `base/repo` with its own MLflow store and BentoML home, on a
-    small synthetic config, and run the real `dvc repro` there."""
-    ws = base / "repo"
-    copy_checkout(ROOT, ws)
+GIT_ID = ["-c", "user.name=t", "-c", "user.email=t@t"]
+
+
+def stores_env(base: Path) -> dict[str, str]:
+    """The environment of a project checkout with its own MLflow store and BentoML home."""
     env = {
         **os.environ,
         "PATH": f"{BIN}:{os.environ['PATH']}",
@@ -130,9 +136,24 @@ def build_workspace(base: Path) -> tuple[Path, dict[str, str]]:
         "DVC_NO_ANALYTICS": "1",
     }
     env.pop("DVC_ROOT", None)
+    env.pop("VIRTUAL_ENV", None)
+    return env
+
+
+def small_checkout(base: Path) -> tuple[Path, dict[str, str]]:
+    """Copy the project to `base/repo` on a small synthetic config, committed."""
+    ws = base / "repo"
+    copy_checkout(ROOT, ws)
+    env = stores_env(base)
     set_params(
         ws, data__synthetic__rows=30_000, data__synthetic__fraud_rate=0.01, train__hgb__max_iter=60
     )
-    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "small"], ws, env)
+    run(["git", *GIT_ID, "commit", "-qam", "small"], ws, env)
+    return ws, env
+
+
+def build_workspace(base: Path) -> tuple[Path, dict[str, str]]:
+    """A small checkout (own MLflow store and BentoML home) after a real `dvc repro`."""
+    ws, env = small_checkout(base)
     run(["dvc", "repro"], ws, env)
     return ws, env

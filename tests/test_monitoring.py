@@ -16,7 +16,7 @@ import requests
 from monitoring.snapshot import panel_queries, render
 from monitoring.stack import prometheus_command, prometheus_config
 
-from .conftest import ROOT, build_workspace, free_port, start_bento, start_server, stop
+from .conftest import ROOT, bento_dir, build_workspace, free_port, start_bento, start_server, stop
 
 MONITORING = ROOT / "monitoring"
 ARTIFACTS = ROOT / "test-artifacts"
@@ -61,10 +61,9 @@ class TestLiveStack:
         prometheus = _tool("prometheus")
         base = tmp_path_factory.mktemp("monitoring")
         ws, env = build_workspace(base)
-        tag = json.loads((ws / "models/bento.json").read_text())["bento"]
         # A small drift window so one shifted batch shows in the gauge.
         service, url = start_bento(
-            tag, {**env, "FRAUD_DRIFT_WINDOW_ROWS": "2000"}, base / "serve.log"
+            bento_dir(ws), {**env, "FRAUD_DRIFT_WINDOW_ROWS": "2000"}, base / "serve.log"
         )
         port = free_port()
         config = base / "prometheus.yml"
@@ -150,9 +149,9 @@ class TestLiveStack:
             assert scalar(expr) == count, reason
         assert scalar('count(up{job="fraud-scoring"} == 1)') == 1
         assert scalar("sum(fraud_probability_count)") == load["rows"]
-        version = self.query(stack, "fraud_model_info")[0]["metric"]["model_version"]
-        registry = json.loads((stack["workspace"] / "models/registry.json").read_text())
-        assert int(version) == registry["version"]
+        served = self.query(stack, "fraud_model_info")[0]["metric"]["model_md5"]
+        champion = json.loads((stack["workspace"] / "models/champion.json").read_text())
+        assert served == champion["model_md5"]
 
     def test_snapshot_renders(self, stack, load) -> None:
         out = render(stack["prometheus"], minutes=0.75, out=ARTIFACTS / "monitoring_snapshot.png")

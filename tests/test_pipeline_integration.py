@@ -7,15 +7,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from urllib.parse import urlparse
 
-import joblib
 import numpy as np
 import pandas as pd
 import pytest
 import requests
 import yaml
 
-from .conftest import build_workspace, run, set_params, start_bento, stop
+from stages.lib.modeling import load_model
+from stages.lib.project import file_md5
+
+from .conftest import GIT_ID, ROOT, bento_dir, build_workspace, run, set_params, start_bento, stop
 
 pytestmark = pytest.mark.integration
 
@@ -34,9 +37,9 @@ def test_repro_builds_every_output(workspace) -> None:
     for out in (
         "data/prepared/transactions.parquet",
         "data/split/train.parquet",
-        "models/model.joblib",
-        "models/fraud_scoring.bento",
-        "models/contract.json",
+        "models/model.pkl",
+        "models/champion.json",
+        "models/bento/bento.yaml",
         "plots/pr_curve.json",
         "plots/confusion.csv",
         "metrics/evaluate.json",
@@ -45,12 +48,19 @@ def test_repro_builds_every_output(workspace) -> None:
     metrics = json.loads((ws / "metrics/evaluate.json").read_text())
     assert 0.3 < metrics["average_precision"] < 1.0 and metrics["roc_auc"] > 0.85
     registry = json.loads((ws / "models/registry.json").read_text())
-    assert registry["version"] == 1 and registry["promoted_to_champion"]
-    contract = json.loads((ws / "models/contract.json").read_text())
+    assert registry["candidate_version"] == registry["champion_version"] == 1
+    assert registry["promoted"]
+    champion = json.loads((ws / "models/champion.json").read_text())
+    assert champion["model_md5"] == file_md5(ws / "models/model.pkl")
+    assert champion["threshold"] == metrics["threshold"]
+    contract = next((bento_dir(ws) / "models").glob("fraud_model/*/contract.json"))
+    contract = json.loads(contract.read_text())
     assert [f["name"] for f in contract["features"]][:2] == ["Time", "V1"]
-    assert contract["threshold"] == registry["threshold"] == metrics["threshold"]
-    assert contract["lineage"]["mlflow_run_id"] == registry["run_id"]
-    assert len(contract["lineage"]["git_commit"]) >= 40
+    assert contract["threshold"] == champion["threshold"]
+    assert contract["lineage"]["model_md5"] == champion["model_md5"]
+    # Content only: nothing in the Bento changes from one run to the next.
+    text = json.dumps(contract)
+    assert registry["candidate_run_id"] not in text and "git_commit" not in text
     lock = yaml.safe_load((ws / "dvc.lock").read_text())
     assert set(lock["stages"]) == {"prepare", "split", "train", "evaluate", "package"}
 
@@ -58,6 +68,23 @@ def test_repro_builds_every_output(workspace) -> None:
     assert "average_precision" in show
     run(["dvc", "plots", "show", "-o", str(ws.parent / "plots_html")], ws, env)
     assert (ws.parent / "plots_html" / "index.html").is_file()
+
+
+def test_one_serialised_model(workspace) -> None:
+    """The DVC output, the registry's champion and the Bento's model are one file."""
+    ws, env = workspace
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    md5 = file_md5(ws / "models/model.pkl")
+    champion = MlflowClient().get_model_version_by_alias("fraud-detector", "champion")
+    assert champion.tags["model_md5"] == md5
+    registry_file = Path(mlflow.artifacts.download_artifacts("models:/fraud-detector@champion"))
+    assert file_md5(registry_file / "model.pkl") == md5
+    (bento_model,) = (bento_dir(ws) / "models").glob("fraud_model/*/model.pkl")
+    assert file_md5(bento_model) == md5
+    assert not list(ws.glob("models/*.joblib"))
 
 
 def test_mlflow_run_and_registry(workspace) -> None:
@@ -68,17 +95,18 @@ def test_mlflow_run_and_registry(workspace) -> None:
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     client = MlflowClient()
     registry = json.loads((ws / "models/registry.json").read_text())
-    run = client.get_run(registry["run_id"])
-    assert run.data.params["train.model"] == "hgb"
-    assert run.data.metrics["test_average_precision"] == pytest.approx(
+    run_ = client.get_run(registry["candidate_run_id"])
+    assert run_.data.params["train.model"] == "hgb"
+    assert run_.data.metrics["test_average_precision"] == pytest.approx(
         json.loads((ws / "metrics/evaluate.json").read_text())["average_precision"]
     )
-    assert run.data.tags["quality_gate"] == "passed" and "train_data_md5" in run.data.tags
+    assert run_.data.tags["quality_gate"] == "passed" and "train_data_md5" in run_.data.tags
     champion = client.get_model_version_by_alias("fraud-detector", "champion")
-    assert champion.run_id == registry["run_id"]
+    assert champion.run_id == registry["candidate_run_id"]
+    assert champion.tags["bento_tag"].startswith("fraud_scoring:")
     loaded = mlflow.sklearn.load_model("models:/fraud-detector@champion")
     test = pd.read_parquet(ws / "data/split/test.parquet").drop(columns="Class").head(20)
-    local = joblib.load(ws / "models/model.joblib")
+    local = load_model(ws / "models/model.pkl")
     np.testing.assert_allclose(loaded.predict_proba(test), local.predict_proba(test))
 
 
@@ -95,19 +123,31 @@ def test_param_change_reruns_only_downstream(workspace) -> None:
     result = run(["dvc", "repro"], ws, env)
     assert _ran(result.stdout) == ["evaluate", "package"]
     registry = json.loads((ws / "models/registry.json").read_text())
-    # Same model, same test data: the candidate does not beat the champion, so no move.
-    assert registry["version"] == 2 and registry["previous_champion_version"] == 1
-    assert registry["promoted_to_champion"] is False
+    # The same model file: registered once, and already the champion.
+    assert registry["candidate_version"] == registry["champion_version"] == 1
+    assert registry["promoted"] is False
+    assert run(["dvc", "status"], ws, env).stdout.strip().endswith("up to date.")
+
+
+def test_schema_change_reruns_train(workspace) -> None:
+    """A changed module a stage imports (here the feature list) reruns that stage."""
+    ws, env = workspace
+    schema = ws / "stages/lib/schema.py"
+    before = schema.read_text()
+    try:
+        schema.write_text(before + "\n# a change\n")
+        status = run(["dvc", "status"], ws, env).stdout
+        assert "train:" in status and "evaluate:" in status and "package:" in status
+    finally:
+        schema.write_text(before)
     assert run(["dvc", "status"], ws, env).stdout.strip().endswith("up to date.")
 
 
 def test_bento_loads_and_scores(workspace, tmp_path: Path) -> None:
-    """Import the exported archive into an empty BentoML home and serve it for real."""
+    """Serve the exported Bento folder from an empty BentoML home, for real."""
     ws, env = workspace
     env = {**env, "BENTOML_HOME": str(tmp_path / "fresh_home")}
-    tag = json.loads((ws / "models/bento.json").read_text())["bento"]
-    run(["bentoml", "import", str(ws / "models/fraud_scoring.bento")], ws, env)
-    process, url = start_bento(tag, env, tmp_path / "serve.log")
+    process, url = start_bento(bento_dir(ws), env, tmp_path / "serve.log")
     try:
         rows = pd.read_parquet(ws / "data/split/test.parquet").head(50)
         response = requests.post(
@@ -116,12 +156,12 @@ def test_bento_loads_and_scores(workspace, tmp_path: Path) -> None:
         assert response.status_code == 200, response.text
         body = response.json()
         served = [p["fraud_probability"] for p in body["predictions"]]
-        model = joblib.load(ws / "models/model.joblib")
+        model = load_model(ws / "models/model.pkl")
         expected = model.predict_proba(rows.drop(columns="Class"))[:, 1]
         np.testing.assert_allclose(served, expected, rtol=1e-12)
-        registry = json.loads((ws / "models/registry.json").read_text())
-        assert body["model_version"] == registry["version"]
-        assert body["threshold"] == registry["threshold"]
+        champion = json.loads((ws / "models/champion.json").read_text())
+        assert body["lineage"]["model_md5"] == champion["model_md5"]
+        assert body["threshold"] == champion["threshold"]
     finally:
         stop(process)
 
@@ -136,29 +176,51 @@ def test_gate_failure_stops_before_registry(workspace) -> None:
         assert "quality gate failed on the test split: roc_auc" in result.stderr + result.stdout
         assert "Traceback" not in result.stderr
         assert not (ws / "models/registry.json").exists()
+        assert not (ws / "models/champion.json").exists()
         assert "package" not in _ran(result.stdout)
     finally:
         (ws / "params.yaml").write_text(before)
 
 
-def test_experiment_sweep_logs_to_mlflow(workspace) -> None:
+def readme_block(heading: str) -> str:
+    """The first ```bash block under a README heading, as a user would paste it."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index(f"\n{heading}\n") :]
+    return section.split("```bash\n", 1)[1].split("```", 1)[0]
+
+
+def test_readme_sweep_block_verbatim(workspace) -> None:
+    """The README's sweep commands, pasted into a shell with no venv on its PATH."""
     ws, env = workspace
     run(["dvc", "repro"], ws, env)  # back in step after the gate test
-    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "step"], ws, env)
-    run(["dvc", "exp", "run", "-n", "lr-sweep", "-S", "train.model=logreg"], ws, env)
+    run(["git", *GIT_ID, "commit", "-qam", "step"], ws, env)
+    (ws / ".venv").symlink_to(ROOT / ".venv")
+    bare = {k: v for k, v in env.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
+    bare["PATH"] = "/usr/bin:/bin"
+    result = run(["bash", "-ec", readme_block("## Sweeps")], ws, bare, timeout=900)
+    assert "hgb-slow" in result.stdout
     shown = json.loads(run(["dvc", "exp", "show", "--json"], ws, env).stdout)
-    names = {
-        exp.get("name")
-        for entry in shown
-        for exp in (entry.get("experiments") or [])
-        for exp in [exp.get("revs", [{}])[0]]
-        if exp
-    }
-    assert "lr-sweep" in names, shown
+    models = {}
+    for entry in shown:
+        for exp in entry.get("experiments") or []:
+            rev = exp["revs"][0]
+            params = rev["data"]["params"]["params.yaml"]["data"]
+            models[rev["name"]] = params["train"]["model"]
+    # Each experiment trained the family it asked for (none inherited another's params).
+    assert models == {"lr": "logreg", "et": "extra_trees", "hgb-slow": "hgb"}, shown
     import mlflow
 
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
-    runs = mlflow.search_runs(
-        experiment_names=["fraudops"], filter_string="tags.dvc_exp_name = 'lr-sweep'"
-    )
-    assert len(runs) == 1 and runs.iloc[0]["params.train.model"] == "logreg"
+    for name, family in models.items():
+        runs = mlflow.search_runs(
+            experiment_names=["fraudops"], filter_string=f"tags.dvc_exp_name = '{name}'"
+        )
+        assert len(runs) == 1 and runs.iloc[0]["params.train.model"] == family
+        # Its model file lives in the project's mlruns/, not in DVC's deleted scratch copy.
+        logged = mlflow.search_logged_models(
+            experiment_ids=[mlflow.get_experiment_by_name("fraudops").experiment_id],
+            filter_string=f"tags.model_md5 = '{runs.iloc[0]['tags.model_md5']}'",
+            output_format="list",
+        )
+        stored = Path(urlparse(logged[0].artifact_location).path) / "model.pkl"
+        assert stored.is_file() and (ws / "mlruns") in stored.parents

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import io
 import json
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-import joblib
 import numpy as np
 import pandas as pd
 import pytest
 import requests
 
-from .conftest import ROOT, build_workspace, run, start_bento, stop
+from stages.lib.modeling import load_model
+from stages.lib.project import file_md5
+
+from .conftest import ROOT, bento_dir, build_workspace, start_bento, stop
 
 pytestmark = pytest.mark.integration
 FORMAT_FIXTURE = ROOT / "tests" / "fixtures" / "creditcard_format.csv"
@@ -29,8 +30,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str
 @pytest.fixture(scope="module")
 def server(built, tmp_path_factory) -> Iterator[str]:
     ws, env = built
-    tag = json.loads((ws / "models/bento.json").read_text())["bento"]
-    process, url = start_bento(tag, env, tmp_path_factory.mktemp("logs") / "serve.log")
+    process, url = start_bento(bento_dir(ws), env, tmp_path_factory.mktemp("logs") / "serve.log")
     yield url
     stop(process)
 
@@ -49,9 +49,7 @@ def guarded(built, tmp_path_factory) -> Iterator[str]:
         "FRAUD_MAX_ROWS": "1000",
         "FRAUD_MAX_BYTES": "1000000",
     }
-    run(["bentoml", "import", str(ws / "models/fraud_scoring.bento")], ws, env)
-    tag = json.loads((ws / "models/bento.json").read_text())["bento"]
-    process, url = start_bento(tag, env, tmp_path_factory.mktemp("logs") / "guarded.log")
+    process, url = start_bento(bento_dir(ws), env, tmp_path_factory.mktemp("logs") / "guarded.log")
     yield url
     stop(process)
 
@@ -64,7 +62,7 @@ def test_rows(built) -> pd.DataFrame:
 
 @pytest.fixture(scope="module")
 def model(built):
-    return joblib.load(built[0] / "models/model.joblib")
+    return load_model(built[0] / "models/model.pkl")
 
 
 def _records(frame: pd.DataFrame) -> list[dict]:
@@ -91,9 +89,9 @@ def test_json_batch_matches_model(server, test_rows, model, built) -> None:
     np.testing.assert_allclose(probs, expected, rtol=1e-12)  # and in input order
     assert ((probs >= 0) & (probs <= 1)).all()
     assert [p["is_fraud"] for p in body["predictions"]] == list(expected >= body["threshold"])
-    registry = json.loads((built[0] / "models/registry.json").read_text())
-    assert body["model_version"] == registry["version"]
-    assert body["lineage"]["mlflow_run_id"] == registry["run_id"]
+    champion = json.loads((built[0] / "models/champion.json").read_text())
+    assert body["lineage"]["model_md5"] == champion["model_md5"]
+    assert body["model_tag"].startswith("fraud_model:")
     assert {p["risk_band"] for p in body["predictions"]} <= {"low", "elevated", "high", "critical"}
 
 
@@ -327,29 +325,32 @@ def test_metrics_move(server, test_rows) -> None:
 
 def test_schema_and_probes(server, built) -> None:
     schema = requests.get(f"{server}/schema", timeout=10).json()
-    contract = json.loads((built[0] / "models/contract.json").read_text())
+    (contract,) = (bento_dir(built[0]) / "models").glob("fraud_model/*/contract.json")
+    contract = json.loads(contract.read_text())
     assert [f["name"] for f in schema["features"]] == [f["name"] for f in contract["features"]]
     assert schema["threshold"] == contract["threshold"]
-    assert schema["lineage"]["model_version"] == contract["lineage"]["model_version"]
+    assert schema["lineage"] == contract["lineage"]
     assert schema["limits"]["max_json_rows_per_request"] == 20_000
     for probe in ("/readyz", "/livez", "/healthz", "/docs.json"):
         assert requests.get(f"{server}{probe}", timeout=10).status_code == 200, probe
 
 
 def test_served_model_matches_registry_and_dvc_lock(server, built) -> None:
-    """Lineage: what answers is the registry's candidate, built from dvc.lock's data."""
+    """Lineage: what answers is the registry's champion, built from dvc.lock's data."""
     ws, env = built
     import mlflow
     import yaml
     from mlflow.tracking import MlflowClient
 
-    lineage = requests.get(f"{server}/schema", timeout=10).json()["lineage"]
+    schema = requests.get(f"{server}/schema", timeout=10).json()
+    lineage = schema["lineage"]
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
-    candidate = MlflowClient().get_model_version_by_alias(lineage["registered_model"], "candidate")
-    assert int(candidate.version) == lineage["model_version"]
-    assert candidate.run_id == lineage["mlflow_run_id"]
+    champion = MlflowClient().get_model_version_by_alias(lineage["registered_model"], "champion")
+    assert champion.tags["model_md5"] == lineage["model_md5"]
+    assert champion.tags["bento_model_tag"] == schema["model_tag"]
     lock = yaml.safe_load((ws / "dvc.lock").read_text())["stages"]
-    prepared = next(o for o in lock["prepare"]["outs"] if o["path"].endswith(".parquet"))
-    assert prepared["md5"] == lineage["data_md5"]
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ws, capture_output=True, text=True)
-    assert lineage["git_commit"].startswith(head.stdout.strip())
+    model_out = next(o for o in lock["train"]["outs"] if o["path"].endswith("model.pkl"))
+    assert model_out["md5"] == lineage["model_md5"]
+    split_dir = next(o for o in lock["split"]["outs"] if o["path"].endswith("split"))
+    assert split_dir["md5"].endswith(".dir")
+    assert file_md5(ws / "data/split/train.parquet") == lineage["train_data_md5"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import http.server
 import io
-import json
 import os
 import shutil
 import sys
@@ -20,7 +19,16 @@ import requests
 
 from monitoring.stack import ui_command
 
-from .conftest import REAL_SAMPLE, ROOT, build_workspace, free_port, start_bento, start_server, stop
+from .conftest import (
+    REAL_SAMPLE,
+    ROOT,
+    bento_dir,
+    build_workspace,
+    free_port,
+    start_bento,
+    start_server,
+    stop,
+)
 
 sys.path.insert(0, str(ROOT / "ui"))
 import client  # noqa: E402
@@ -34,8 +42,7 @@ ARTIFACTS = ROOT / "test-artifacts"
 def service(tmp_path_factory) -> Iterator[dict]:
     base = tmp_path_factory.mktemp("ui")
     ws, env = build_workspace(base)
-    tag = json.loads((ws / "models/bento.json").read_text())["bento"]
-    process, url = start_bento(tag, env, base / "serve.log")
+    process, url = start_bento(bento_dir(ws), env, base / "serve.log")
     yield {"url": url, "workspace": ws, "env": env, "base": base}
     stop(process)
 

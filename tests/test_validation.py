@@ -115,8 +115,10 @@ def _run_prepare(workspace: Path, source: str) -> subprocess.CompletedProcess:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["data"]["source"] = source
     (workspace / "params.yaml").write_text(yaml.safe_dump(params))
+    shutil.copy(ROOT / "dvc.yaml", workspace / "dvc.yaml")  # the stage's declared params
+    paths = ["--raw", "data/raw", "--out", "data/prepared/transactions.parquet"]
     return subprocess.run(
-        [sys.executable, "-m", "stages.prepare"],
+        [sys.executable, "-m", "stages.prepare", *paths, "--report", "metrics/prepare.json"],
         cwd=workspace,
         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
         capture_output=True,

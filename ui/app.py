@@ -47,9 +47,9 @@ with st.sidebar:
         lineage = contract["lineage"]
         st.success("Service is up")
         st.markdown(
-            f"**Model** `{lineage['registered_model']}` v{lineage['model_version']}  \n"
-            f"family `{lineage['model_family']}`, run `{lineage['mlflow_run_id'][:12]}`  \n"
-            f"commit `{lineage['git_commit'][:12]}`, data md5 `{lineage['data_md5'][:12]}`"
+            f"**Model** `{lineage['registered_model']}` champion `{contract['model_tag']}`  \n"
+            f"family `{lineage['model_family']}`, model md5 `{lineage['model_md5'][:12]}`  \n"
+            f"training data md5 `{lineage['train_data_md5'][:12]}`"
         )
         threshold = st.slider(
             "Decision threshold",

@@ -84,12 +84,12 @@ def build_contract(
     train: pd.DataFrame,
     reference: pd.DataFrame,
     reference_scores: np.ndarray,
-    registry: dict[str, Any],
-    metrics: dict[str, Any],
-    lineage: dict[str, Any],
+    champion: dict[str, Any],
     package_params: dict[str, Any],
 ) -> dict[str, Any]:
-    threshold = float(registry["threshold"])
+    """Everything serving needs, from content alone: the same champion and data give the
+    same bytes on any machine (no run ids, versions, commits or times)."""
+    threshold = float(champion["threshold"])
     return {
         "contract_version": CONTRACT_VERSION,
         "features": feature_ranges(train, float(package_params["range_margin"])),
@@ -99,16 +99,16 @@ def build_contract(
             "is_fraud": "fraud_probability >= threshold",
         },
         "threshold": threshold,
-        "costs": {
-            "cost_missed_fraud": registry["cost_missed_fraud"],
-            "cost_false_alarm": registry["cost_false_alarm"],
-        },
+        "costs": champion["costs"],
         "risk_bands": risk_bands(threshold),
         "reference": reference_distributions(
             reference, reference_scores, list(package_params["drift_features"]), threshold
         ),
-        "test_metrics": {
-            k: metrics[k] for k in ("average_precision", "roc_auc", "brier", "precision", "recall")
+        "test_metrics": champion["test_metrics"],
+        "lineage": {
+            "registered_model": champion["registered_model"],
+            "model_md5": champion["model_md5"],
+            "model_family": champion["model_family"],
+            **champion["lineage"],
         },
-        "lineage": lineage,
     }

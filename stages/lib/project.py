@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import logging
@@ -61,9 +62,97 @@ def setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
-    with open(workspace_root() / path) as fh:
-        return yaml.safe_load(fh)
+class UndeclaredParamError(KeyError):
+    """A stage read a params key that its `params:` list in dvc.yaml does not declare."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class DeclaredParams(dict):
+    """A params section holding only what a stage declared; anything else raises."""
+
+    def __init__(self, values: dict[str, Any], stage: str, prefix: str) -> None:
+        super().__init__(
+            {
+                k: DeclaredParams(v, stage, f"{prefix}{k}.") if isinstance(v, dict) else v
+                for k, v in values.items()
+            }
+        )
+        self.stage, self.prefix = stage, prefix
+
+    def __missing__(self, key: str) -> Any:
+        raise UndeclaredParamError(
+            f"stage '{self.stage}' reads params key '{self.prefix}{key}', which its "
+            "`params:` list in dvc.yaml does not declare (DVC would not rerun it on a change)"
+        )
+
+    def get(self, key: str, default: Any = None) -> Any:  # no silent default either
+        return self[key]
+
+
+def _select(params: dict[str, Any], dotted: str) -> dict[str, Any]:
+    """{'a': {'b': 1, 'c': 2}}, 'a.b' -> {'a': {'b': 1}}"""
+    head, _, rest = dotted.partition(".")
+    if head not in params:
+        raise KeyError(f"dvc.yaml declares params '{dotted}', which params.yaml lacks")
+    if not rest:
+        return {head: params[head]}
+    return {head: _select(params[head], rest)}
+
+
+def _merge(into: dict[str, Any], extra: dict[str, Any]) -> None:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
+
+
+def declared_params(stage: str) -> list[str]:
+    """The params keys `stage` declares in dvc.yaml (params.yaml entries only)."""
+    with open(workspace_root() / "dvc.yaml") as fh:
+        spec = yaml.safe_load(fh)["stages"][stage]
+    keys: list[str] = []
+    for entry in spec.get("params", []):
+        if isinstance(entry, str):
+            keys.append(entry)
+        elif isinstance(entry, dict) and "params.yaml" in entry:
+            keys.extend(entry["params.yaml"])
+    return keys
+
+
+def stage_params(stage: str) -> DeclaredParams:
+    """params.yaml, cut down to the keys `stage` declares in dvc.yaml.
+
+    Reading anything else raises UndeclaredParamError, so a stage cannot depend on a param
+    that DVC does not hash for it.
+    """
+    with open(workspace_root() / "params.yaml") as fh:
+        params = yaml.safe_load(fh)
+    chosen: dict[str, Any] = {}
+    for dotted in declared_params(stage):
+        _merge(chosen, _select(params, dotted))
+    return DeclaredParams(chosen, stage, "")
+
+
+def pipeline_path(name: str, root: Path | None = None) -> Path:
+    """A path from dvc.yaml's `vars: paths` (e.g. 'bento'), for code outside the stages:
+    the Makefile, the stack, tests and benchmarks."""
+    with open((root or workspace_root()) / "dvc.yaml") as fh:
+        spec = yaml.safe_load(fh)
+    for entry in spec.get("vars", []):
+        if isinstance(entry, dict) and name in entry.get("paths", {}):
+            return (root or workspace_root()) / entry["paths"][name]
+    raise KeyError(f"dvc.yaml vars.paths has no '{name}'")
+
+
+def stage_paths(description: str, *names: str) -> argparse.Namespace:
+    """The stage's file paths, passed by its `cmd` in dvc.yaml (their one home)."""
+    parser = argparse.ArgumentParser(description=description)
+    for name in names:
+        parser.add_argument(f"--{name}", required=True, type=Path)
+    return parser.parse_args()
 
 
 def git_commit() -> str:

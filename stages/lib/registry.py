@@ -1,56 +1,142 @@
-"""MLflow Model Registry: register a gated model as `candidate`, promote to `champion`."""
+"""MLflow Model Registry: register a gated model as `candidate`, promote to `champion`.
+
+A model is known by the md5 of its file (tag `model_md5` on the run, the logged model and
+the registered version), so the same file is registered once however often the pipeline
+reruns, and package can check that the registry's champion is the file evaluate chose.
+"""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import mlflow
+from mlflow.entities import LoggedModel
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+
+from stages.lib.modeling import load_model
+from stages.lib.project import file_md5
+from stages.lib.tracking import MODEL_ARTIFACT
 
 log = logging.getLogger("fraudops.registry")
 
 
+@dataclass
+class RegistryOutcome:
+    registered_model: str
+    candidate_version: int
+    candidate_md5: str
+    champion_version: int
+    champion_md5: str
+    champion_run_id: str
+    promoted: bool
+    previous_champion_version: int | None
+    previous_champion_score: float | None
+    champion_model: Any = None  # the champion's model when it is not the candidate
+
+    def summary(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "champion_model"}
+
+
+def _alias(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def _register(client: MlflowClient, model: LoggedModel, name: str, md5: str) -> ModelVersion:
+    """The version holding this file, registering it only if no version does yet."""
+    try:
+        same = client.search_model_versions(f"name = '{name}' and tags.model_md5 = '{md5}'")
+    except MlflowException:  # the registered model does not exist yet
+        same = []
+    if same:
+        return max(same, key=lambda v: int(v.version))
+    return mlflow.register_model(f"models:/{model.model_id}", name, tags={"model_md5": md5})
+
+
 def register_and_promote(
-    model_uri: str,
+    model: LoggedModel,
     name: str,
+    model_md5: str,
     candidate_score: float,
     score_champion: Callable[[Any], float],
-    tags: dict[str, str],
-) -> dict:
-    """Register `model_uri`, alias it `candidate`, and move `champion` to it only if it
-    beats the current champion re-scored by `score_champion` on the same test data."""
+) -> RegistryOutcome:
+    """Alias the model `candidate`; move `champion` to it only if it beats the current
+    champion re-scored by `score_champion` on the same test data."""
     client = MlflowClient()
-    version = mlflow.register_model(model_uri, name, tags=tags).version
-    client.set_registered_model_alias(name, "candidate", version)
-    try:
-        champion = client.get_model_version_by_alias(name, "champion")
-    except MlflowException:
-        champion = None
-    champion_score = None
-    if champion is not None and champion.version != version:
-        champion_model = mlflow.sklearn.load_model(f"models:/{name}@champion")
+    candidate = _register(client, model, name, model_md5)
+    client.set_registered_model_alias(name, "candidate", candidate.version)
+    champion = _alias(client, name, "champion")
+    champion_md5 = champion.tags.get("model_md5") if champion else None
+    champion_model, champion_score = None, None
+    if champion is None:
+        promoted, reason = True, "there was no champion"
+    elif champion_md5 == model_md5:
+        promoted, reason = False, "it already is the champion"
+    elif champion_md5 is None:
+        promoted = True
+        reason = f"champion v{champion.version} predates content-addressed models"
+    else:
+        champion_model = load_model(download_model(name, "champion", champion_md5))
         champion_score = float(score_champion(champion_model))
-    promoted = champion is None or (champion_score is not None and candidate_score > champion_score)
+        promoted = candidate_score > champion_score
+        reason = (
+            f"AP {candidate_score:.4f} {'>' if promoted else '<='} champion "
+            f"v{champion.version}'s {champion_score:.4f} on this test data"
+        )
     if promoted:
-        client.set_registered_model_alias(name, "champion", version)
-    outcome = {
-        "registered_model": name,
-        "version": int(version),
-        "candidate_average_precision": candidate_score,
-        "previous_champion_version": int(champion.version) if champion else None,
-        "previous_champion_average_precision": champion_score,
-        "promoted_to_champion": promoted,
-    }
+        client.set_registered_model_alias(name, "champion", candidate.version)
+        champion_model = None
+    served = candidate if promoted or champion is None else champion
     log.info(
-        "registered %s v%s as candidate; champion %s",
+        "%s v%s is the candidate; champion %s (%s)",
         name,
-        version,
-        "moved to it"
-        if promoted
-        else f"stays v{champion.version} "
-        f"(AP {champion_score:.4f} >= {candidate_score:.4f} on this test data)",
+        candidate.version,
+        f"moved to v{candidate.version}" if promoted else f"stays v{served.version}",
+        reason,
     )
-    return outcome
+    return RegistryOutcome(
+        registered_model=name,
+        candidate_version=int(candidate.version),
+        candidate_md5=model_md5,
+        champion_version=int(served.version),
+        champion_md5=served.tags.get("model_md5", model_md5),
+        champion_run_id=served.run_id,
+        promoted=promoted,
+        previous_champion_version=int(champion.version) if champion else None,
+        previous_champion_score=champion_score,
+        champion_model=champion_model,
+    )
+
+
+def download_model(name: str, alias: str, expected_md5: str) -> Path:
+    """The model file behind `models:/name@alias`, checked against the md5 that the DVC
+    chain recorded (so a moved alias cannot swap the model under a finished evaluate)."""
+    client = MlflowClient()
+    version = _alias(client, name, alias)
+    if version is None:
+        raise LookupError(f"registered model '{name}' has no '{alias}' alias")
+    if version.tags.get("model_md5") != expected_md5:
+        raise LookupError(
+            f"'{name}@{alias}' is v{version.version} with md5 "
+            f"{version.tags.get('model_md5')}, not {expected_md5} as the pipeline recorded; "
+            "the alias moved since evaluate ran: run `dvc repro` again"
+        )
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}@{alias}")) / MODEL_ARTIFACT
+    if file_md5(local) != expected_md5:
+        raise LookupError(f"the registry's file for '{name}@{alias}' does not match its md5 tag")
+    return local
+
+
+def tag_version(name: str, md5: str, tags: dict[str, str]) -> None:
+    client = MlflowClient()
+    for version in client.search_model_versions(f"name = '{name}' and tags.model_md5 = '{md5}'"):
+        for key, value in tags.items():
+            client.set_model_version_tag(name, version.version, key, value)

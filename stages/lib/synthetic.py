@@ -5,9 +5,19 @@ correlation of V1..V28 and Amount) pushed through each feature's real quantile f
 That keeps the heavy-tailed marginals, the strong fraud-side correlations and the overlap
 between classes that make the real problem hard. Time follows the real hour-of-day volume
 per class over two days, and exact duplicate rows appear at the real file's rate.
+
+The bytes it writes are the same on every x86-64 or ARM machine, so `dvc.lock` hashes
+them once for everybody. Two things would break that and are avoided on purpose: BLAS and
+LAPACK (eigh, Cholesky, matmul), whose kernels sum in a CPU-dependent order, and numpy's
+SIMD-dispatched transcendental functions (exp, log1p, expm1, power), which differ in the
+last bit between AVX2 and AVX-512 builds. The correlation factor is computed in plain
+Python floats, the matrix product as a fixed sequence of elementwise multiply-adds (each
+exactly rounded), and the few transcendental values through Python's scalar `math`.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pandas as pd
@@ -18,18 +28,54 @@ from stages.lib.schema import COLUMNS, TARGET
 
 SECONDS_PER_DAY = 86_400
 _KNOTS = np.asarray(cal.QUANTILE_PROBS)
-# Inside the outer 0.1% the real tails run far out (V1 down to -56); a power curve keeps
-# those extremes rare instead of spreading the last 0.1% evenly up to the maximum.
-_TAIL_POWER = 4.0
+# Inside the outer 0.1% the real tails run far out (V1 down to -56); a power curve (t**4)
+# keeps those extremes rare instead of spreading the last 0.1% evenly up to the maximum.
 DUPLICATE_RATE = 1081 / cal.ROWS  # exact duplicate rows in the real file
 
 
-def _nearest_correlation(matrix: np.ndarray) -> np.ndarray:
-    """Clip negative eigenvalues left by rounding so the matrix has a Cholesky factor."""
-    values, vectors = np.linalg.eigh(matrix)
-    fixed = vectors @ np.diag(np.clip(values, 1e-6, None)) @ vectors.T
-    scale = np.sqrt(np.diag(fixed))
-    return fixed / np.outer(scale, scale)
+def cholesky_factor(matrix: tuple[tuple[float, ...], ...]) -> list[list[float]]:
+    """Lower Cholesky factor of a correlation matrix, in plain Python floats.
+
+    The rounded real correlations are not always positive definite; shrinking towards the
+    identity ((1 - s) C + s I, smallest s in 1e-6 steps that factors) keeps every
+    correlation within s of the real one. Python floats make this bit-identical on any CPU.
+    """
+    n = len(matrix)
+    for step in range(1, 10_001):
+        shrink = 1e-6 * (step - 1) if step > 1 else 0.0
+        factor = [[0.0] * n for _ in range(n)]
+        ok = True
+        for i in range(n):
+            for j in range(i + 1):
+                target = (1.0 - shrink) * matrix[i][j] + (shrink if i == j else 0.0)
+                acc = target - math.fsum(factor[i][k] * factor[j][k] for k in range(j))
+                if i == j:
+                    if acc <= 1e-9:
+                        ok = False
+                        break
+                    factor[i][i] = math.sqrt(acc)
+                else:
+                    factor[i][j] = acc / factor[j][j]
+            if not ok:
+                break
+        if ok:
+            return factor
+    raise ValueError("correlation matrix is too far from positive definite")
+
+
+def correlate(z: np.ndarray, factor: list[list[float]]) -> np.ndarray:
+    """z @ factor.T as elementwise multiply-adds in a fixed order (no BLAS, see above)."""
+    out = np.empty_like(z)
+    for i, row in enumerate(factor):
+        acc = z[:, 0] * row[0]
+        for k in range(1, i + 1):
+            acc += z[:, k] * row[k]
+        out[:, i] = acc
+    return out
+
+
+def _expm1(values: np.ndarray) -> np.ndarray:
+    return np.fromiter(map(math.expm1, values.tolist()), dtype="float64", count=len(values))
 
 
 def _quantile_function(u: np.ndarray, knots: tuple[float, ...]) -> np.ndarray:
@@ -37,10 +83,16 @@ def _quantile_function(u: np.ndarray, knots: tuple[float, ...]) -> np.ndarray:
     out = np.interp(u, _KNOTS, values)
     low, high = u < _KNOTS[1], u > _KNOTS[-2]
     t_low = (_KNOTS[1] - u[low]) / _KNOTS[1]
-    out[low] = values[1] - (values[1] - values[0]) * t_low**_TAIL_POWER
+    out[low] = values[1] - (values[1] - values[0]) * _tail(t_low)
     t_high = (u[high] - _KNOTS[-2]) / (1.0 - _KNOTS[-2])
-    out[high] = values[-2] + (values[-1] - values[-2]) * t_high**_TAIL_POWER
+    out[high] = values[-2] + (values[-1] - values[-2]) * _tail(t_high)
     return out
+
+
+def _tail(t: np.ndarray) -> np.ndarray:
+    """t**4 by two exact-rounded squarings (np.power is SIMD-dispatched, see above)."""
+    square = t * t
+    return square * square
 
 
 def _draw_class(
@@ -51,16 +103,15 @@ def _draw_class(
     hour_counts: np.ndarray,
     rng: np.random.Generator,
 ) -> pd.DataFrame:
-    chol = np.linalg.cholesky(_nearest_correlation(np.asarray(correlation)))
-    u = ndtr(rng.standard_normal((n, len(cal.FEATURES))) @ chol.T)
+    u = ndtr(correlate(rng.standard_normal((n, len(cal.FEATURES))), cholesky_factor(correlation)))
     frame = {
         name: _quantile_function(u[:, j], quantiles[name]) for j, name in enumerate(cal.FEATURES)
     }
     # Amounts are near log-normal: interpolating their knots on a log scale keeps the
     # class means close to the real ones (linear interpolation overshoots by ~25%).
-    log_knots = tuple(np.log1p(quantiles["Amount"]))
+    log_knots = tuple(math.log1p(q) for q in quantiles["Amount"])
     amount_u = u[:, cal.FEATURES.index("Amount")]
-    amount = np.round(np.expm1(_quantile_function(amount_u, log_knots)), 2)
+    amount = np.round(_expm1(_quantile_function(amount_u, log_knots)), 2)
     amount[amount_u < zero_amount_share] = 0.0
     frame["Amount"] = amount
     hours = rng.choice(24, size=n, p=hour_counts / hour_counts.sum())

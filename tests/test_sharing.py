@@ -1,0 +1,125 @@
+"""Reproducible and shareable: a fresh clone rebuilds the same bytes, and a teammate's
+clone gets every artifact through the DVC remote instead of recomputing it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import requests
+import yaml
+
+from stages.lib.modeling import load_model
+from stages.lib.project import file_md5
+
+from .conftest import (
+    GIT_ID,
+    ROOT,
+    bento_dir,
+    build_workspace,
+    run,
+    start_bento,
+    stop,
+    stores_env,
+)
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def origin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, dict, Path]]:
+    """A small project after `dvc repro`, committed, pushed to a remote of its own."""
+    base = tmp_path_factory.mktemp("origin")
+    ws, env = build_workspace(base)
+    run(["git", "add", "-A"], ws, env)
+    run(["git", *GIT_ID, "commit", "-qm", "built"], ws, env)
+    remote = base / "remote"
+    # --local: the checkout's own .dvc/config.local; the committed default stays as it is.
+    run(["dvc", "remote", "modify", "--local", "local", "url", str(remote)], ws, env)
+    run(["dvc", "push"], ws, env)
+    yield ws, env, remote
+
+
+def _clone(origin_ws: Path, base: Path) -> tuple[Path, dict[str, str]]:
+    clone = base / "repo"
+    env = stores_env(base)  # a teammate: own (empty) MLflow store and BentoML home
+    run(["git", "clone", "-q", str(origin_ws), str(clone)], base, env)
+    return clone, env
+
+
+def test_default_remote_is_configured() -> None:
+    config = (ROOT / ".dvc" / "config").read_text()
+    assert "remote = local" in config and "url = " in config
+
+
+def test_fresh_clone_reproduces_bit_for_bit(origin, tmp_path: Path) -> None:
+    """No cache, no remote, empty stores: `dvc repro` rebuilds every output, and git sees
+    no change (dvc.lock and the metrics are byte for byte the committed ones)."""
+    ws, _, _ = origin
+    clone, env = _clone(ws, tmp_path)
+    result = run(["dvc", "repro"], clone, env)
+    assert "Running stage 'package'" in result.stdout
+    assert run(["git", "status", "--porcelain"], clone, env).stdout == ""
+
+
+def test_push_then_pull_serves_the_same_model(origin, tmp_path: Path) -> None:
+    ws, origin_env, remote = origin
+    clone, env = _clone(ws, tmp_path)
+    run(["dvc", "remote", "modify", "--local", "local", "url", str(remote)], clone, env)
+    run(["dvc", "pull"], clone, env)
+    result = run(["dvc", "repro"], clone, env)
+    assert "Running stage" not in result.stdout, result.stdout
+    assert "Data and pipelines are up to date" in result.stdout
+    assert file_md5(clone / "models/model.pkl") == file_md5(ws / "models/model.pkl")
+
+    rows = pd.read_parquet(clone / "data/split/test.parquet").head(40)
+    process, url = start_bento(bento_dir(clone), env, tmp_path / "serve.log")
+    try:
+        response = requests.post(
+            f"{url}/predict", timeout=30, json={"transactions": rows.to_dict(orient="records")}
+        )
+        assert response.status_code == 200, response.text
+        served = [p["fraud_probability"] for p in response.json()["predictions"]]
+    finally:
+        stop(process)
+    expected = load_model(ws / "models/model.pkl").predict_proba(rows.drop(columns="Class"))
+    np.testing.assert_allclose(served, expected[:, 1], rtol=1e-12)
+
+
+def _prepared_md5_in_lock() -> str:
+    lock = yaml.safe_load((ROOT / "dvc.lock").read_text())
+    (out,) = lock["stages"]["prepare"]["outs"]
+    return out["md5"]
+
+
+@pytest.mark.parametrize(
+    "cpu_env",
+    [
+        {},
+        # Other BLAS kernels and numpy's baseline SIMD path: what another CPU would run.
+        {"OPENBLAS_CORETYPE": "Prescott", "NPY_DISABLE_CPU_FEATURES": "X86_V3"},
+    ],
+    ids=["this-cpu", "other-kernels"],
+)
+def test_default_data_matches_dvc_lock(tmp_path: Path, cpu_env: dict[str, str]) -> None:
+    """The committed dvc.lock's hash of the default synthetic data, regenerated."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    if params["data"]["source"] != "synthetic":
+        pytest.skip("params.yaml does not use the synthetic default")
+    out = tmp_path / "transactions.parquet"
+    env = {**os.environ, **cpu_env}
+    args = [sys.executable, "-m", "stages.prepare", "--raw", "data/raw", "--out", str(out)]
+    subprocess.run(
+        [*args, "--report", str(tmp_path / "report.json")],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    assert file_md5(out) == _prepared_md5_in_lock()
