@@ -16,7 +16,7 @@ import requests
 import yaml
 
 from stages.lib.modeling import load_model
-from stages.lib.project import file_md5
+from stages.lib.project import file_md5, pipeline_path
 
 from .conftest import (
     GIT_ID,
@@ -94,7 +94,8 @@ def test_push_then_pull_serves_the_same_model(origin, tmp_path: Path) -> None:
 
 def _prepared_md5_in_lock() -> str:
     lock = yaml.safe_load((ROOT / "dvc.lock").read_text())
-    (out,) = lock["stages"]["prepare"]["outs"]
+    prepared = pipeline_path("prepared", ROOT).relative_to(ROOT).as_posix()
+    (out,) = [o for o in lock["stages"]["prepare"]["outs"] if o["path"] == prepared]
     return out["md5"]
 
 
