@@ -63,20 +63,26 @@ def write_plots(plots: dict[str, list[dict]], out_dir: Path) -> None:
 
 
 def evaluate_scores(
-    valid_y: np.ndarray,
-    valid_p: np.ndarray,
-    test_y: np.ndarray,
-    test_p: np.ndarray,
-    cfg: dict,
+    oof: pd.DataFrame, test_y: np.ndarray, test_p: np.ndarray, cfg: dict
 ) -> tuple[float, dict]:
-    """The cost-optimal threshold on validation, and the test metrics at it."""
+    """The cost-optimal threshold on the out-of-fold scores of the training rows, and the
+    test metrics at it."""
     costs = _costs(cfg)
-    threshold, valid_cost = choose_threshold(valid_y, valid_p, **costs)
+    threshold, oof_cost = choose_threshold(
+        oof[TARGET].to_numpy(), oof["probability"].to_numpy(), **costs
+    )
     metrics = score_metrics(
         test_y, test_p, threshold, review_budget=int(cfg["review_budget"]), **costs
     )
-    metrics["validation_expected_cost"] = valid_cost
+    metrics["out_of_fold_expected_cost"] = oof_cost
     return threshold, metrics
+
+
+def run_oof(run_id: str, oof_name: str) -> pd.DataFrame:
+    """A training run's out-of-fold scores (logged by train), for a champion that stays."""
+    import mlflow
+
+    return pd.read_parquet(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/{oof_name}"))
 
 
 def _costs(cfg: dict) -> dict[str, float]:
@@ -106,7 +112,7 @@ def champion_record(
 
 
 def main() -> None:
-    paths = stage_paths(__doc__, "split", "model", "metrics", "plots", "champion")
+    paths = stage_paths(__doc__, "split", "model", "oof", "metrics", "plots", "champion")
     setup_logging()
     configure_environment()
     import mlflow
@@ -126,21 +132,20 @@ def main() -> None:
         md5 = file_md5(paths.model)
         logged = logged_model_for(md5)
         run_id = logged.source_run_id
-        valid = pd.read_parquet(paths.split / "valid.parquet")
+        oof = pd.read_parquet(paths.oof)
         test = pd.read_parquet(paths.split / "test.parquet")
-        valid_y, test_y = valid[TARGET].to_numpy(), test[TARGET].to_numpy()
-        valid_p, test_p = fraud_probability(model, valid), fraud_probability(model, test)
-        threshold, metrics = evaluate_scores(valid_y, valid_p, test_y, test_p, cfg)
+        test_y, test_p = test[TARGET].to_numpy(), fraud_probability(model, test)
+        threshold, metrics = evaluate_scores(oof, test_y, test_p, cfg)
         log.info(
             "test: AP %.4f, ROC AUC %.4f, Brier %.5f, precision %.3f, recall %.3f at %.4f "
-            "(cost-optimal on %d validation rows)",
+            "(cost-optimal on %d out-of-fold training rows)",
             metrics["average_precision"],
             metrics["roc_auc"],
             metrics["brier"],
             metrics["precision"],
             metrics["recall"],
             threshold,
-            len(valid),
+            len(oof),
         )
 
         with resume_run(run_id):
@@ -156,7 +161,15 @@ def main() -> None:
                 raise SystemExit(1) from None
             mlflow.set_tag("quality_gate", "passed")
             write_plots(
-                plot_data(test_y, test_p, threshold, valid_y, valid_p, **_costs(cfg)), paths.plots
+                plot_data(
+                    test_y,
+                    test_p,
+                    threshold,
+                    oof[TARGET].to_numpy(),
+                    oof["probability"].to_numpy(),
+                    **_costs(cfg),
+                ),
+                paths.plots,
             )
             mlflow.log_artifacts(str(paths.plots), artifact_path=paths.plots.name)
             outcome = register_and_promote(
@@ -183,8 +196,7 @@ def main() -> None:
             champion_threshold, champion_metrics = threshold, metrics
         else:  # the champion stays: its own threshold and metrics on today's data
             champion_threshold, champion_metrics = evaluate_scores(
-                valid_y,
-                fraud_probability(outcome.champion_model, valid),
+                run_oof(outcome.champion_run_id, paths.oof.name),
                 test_y,
                 fraud_probability(outcome.champion_model, test),
                 cfg,

@@ -1,4 +1,10 @@
-"""train: fit the chosen model on the train split, calibrate it on the validation split.
+"""train: choose the model (a search, or a named family), fit it, calibrate it.
+
+`train.model: auto` searches families and hyperparameters on the train split (see
+stages/lib/search.py); a family name skips the search and uses its params block. The
+chosen config is then refitted on train + valid, and calibrated on out-of-fold scores
+(forward-chaining folds for a time split), whose calibrated values are written for
+evaluate to choose the threshold on: the test split stays untouched until evaluate.
 
 The model is serialised once: MLflow logs it (pickle, whose bytes depend only on the
 fitted model, unlike skops' time-stamped zip), and the DVC output is that same file, so
@@ -10,10 +16,11 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from typing import Any
 
 import pandas as pd
 
-from stages.lib.modeling import build_estimator, calibrate, fraud_probability
+from stages.lib.modeling import MODELS, build_model, cross_fitted, folds, fraud_probability
 from stages.lib.project import (
     atomic_path,
     configure_environment,
@@ -23,14 +30,58 @@ from stages.lib.project import (
     stage_params,
     stage_paths,
     stage_timer,
+    write_json,
 )
 from stages.lib.schema import FEATURES, TARGET
 
 log = logging.getLogger("fraudops.train")
 
 
+def choose(train: pd.DataFrame, cfg: dict, time_ordered: bool) -> tuple[list[dict], dict]:
+    """The members of the model to fit, and the search summary for metrics/search.json."""
+    import mlflow
+
+    from stages.lib.search import run_search
+
+    family = cfg["model"]
+    if family != "auto":
+        if family not in MODELS:
+            raise SystemExit(f"train.model must be 'auto' or one of {MODELS}, got {family!r}")
+        return [{"family": family, "params": dict(cfg[family])}], {"chosen": family}
+
+    def log_trial(record: dict[str, Any]) -> None:
+        with mlflow.start_run(run_name=f"trial-{record['trial']:03d}", nested=True):
+            mlflow.log_params({"family": record["family"], **record["params"]})
+            mlflow.log_metrics(
+                {
+                    "cv_average_precision": record["cv_average_precision"],
+                    "seconds": record["seconds"],
+                    **{
+                        f"fold_{i}_average_precision": v
+                        for i, v in enumerate(record["fold_average_precision"])
+                    },
+                }
+            )
+
+    search = cfg["search"]
+    defaults = {f: dict(cfg[f]) for f in search["families"]}
+    start = time.perf_counter()
+    result = run_search(train, search, defaults, int(cfg["seed"]), time_ordered, log_trial)
+    mlflow.log_metric("search_seconds", time.perf_counter() - start)
+    mlflow.set_tag("search_complete", str(result.complete))
+    summary = {
+        "chosen": result.name,
+        "cv_average_precision": result.cv_average_precision,
+        "trials": result.trials,
+        **{f"cv_ap_{f}": v for f, v in sorted(result.best_by_family.items())},
+        "config": flatten({m["family"]: m["params"] for m in result.members}),
+    }
+    log.info("search chose %s (CV AP %.4f)", result.name, result.cv_average_precision)
+    return result.members, summary
+
+
 def main() -> None:
-    paths = stage_paths(__doc__, "split", "model")
+    paths = stage_paths(__doc__, "split", "model", "oof", "search")
     setup_logging()
     configure_environment()
     import mlflow
@@ -41,62 +92,85 @@ def main() -> None:
 
     params = stage_params("train")
     cfg = params["train"]
-    with stage_timer("train"):
+    seed = int(cfg["seed"])
+    time_ordered = params["split"]["strategy"] == "time"
+    with stage_timer("train"), start_training_run() as run:
         train = pd.read_parquet(paths.split / "train.parquet")
         valid = pd.read_parquet(paths.split / "valid.parquet")
-        estimator = build_estimator(cfg["model"], cfg[cfg["model"]], seed=int(cfg["seed"]))
-        log.info("fitting %s on %d rows (%d frauds)", cfg["model"], len(train), train[TARGET].sum())
-        start = time.perf_counter()
-        estimator.fit(train[list(FEATURES)], train[TARGET])
-        fit_seconds = time.perf_counter() - start
-        model = calibrate(estimator, valid, valid[TARGET], method=cfg["calibration"])
-        calibrate_seconds = time.perf_counter() - start - fit_seconds
-        log.info(
-            "fit %.1f s, %s calibration on %d validation rows %.1f s",
-            fit_seconds,
-            cfg["calibration"],
-            len(valid),
-            calibrate_seconds,
-        )
+        mlflow.log_params(flatten(params))
+        members, summary = choose(train, cfg, time_ordered)
 
-        with start_training_run() as run:
-            mlflow.log_params(flatten(params))
-            mlflow.set_tags(
-                {
-                    "train_data_md5": file_md5(paths.split / "train.parquet"),
-                    "valid_data_md5": file_md5(paths.split / "valid.parquet"),
-                    "model_family": cfg["model"],
-                }
-            )
-            mlflow.log_metrics(
-                {
-                    "fit_seconds": fit_seconds,
-                    "calibrate_seconds": calibrate_seconds,
-                    "train_rows": len(train),
-                    "train_frauds": int(train[TARGET].sum()),
-                }
-            )
-            example = valid[list(FEATURES)].head(5)
-            logged = mlflow.sklearn.log_model(
-                model,
-                name="model",
-                input_example=example,
-                serialization_format=mlflow.sklearn.SERIALIZATION_FORMAT_PICKLE,
-                signature=infer_signature(example, fraud_probability(model, example)),
-                pyfunc_predict_fn="predict_proba",
-                # Inferring requirements re-imports the model in a subprocess (slow); the
-                # model needs scikit-learn alone.
-                pip_requirements=[f"scikit-learn=={sklearn.__version__}"],
-            )
-            location = mlflow.get_logged_model(logged.model_id).artifact_location
-            local = mlflow.artifacts.download_artifacts(artifact_uri=f"{location}/{MODEL_ARTIFACT}")
-            with atomic_path(paths.model) as tmp:
-                shutil.copyfile(local, tmp)
-            md5 = file_md5(local)
-            # How evaluate and package find this run and model from the DVC output alone.
-            mlflow.set_tag("model_md5", md5)
-            mlflow.set_logged_model_tags(logged.model_id, {"model_md5": md5})
+        # train then valid: for a time split, rows stay in time order for the folds.
+        rows = pd.concat([train, valid], ignore_index=True)
+        labels = rows[TARGET].to_numpy()
+        log.info("refitting %s on %d rows (%d frauds)", summary["chosen"], len(rows), labels.sum())
+        start = time.perf_counter()
+        model, oof_rows, oof_probability = cross_fitted(
+            lambda: build_model(members, seed),
+            rows,
+            labels,
+            cfg["calibration"],
+            folds(int(cfg["calibration_folds"]), time_ordered, seed),
+        )
+        fit_seconds = time.perf_counter() - start
+        log.info(
+            "refit and %s calibration on %d out-of-fold rows: %.1f s",
+            cfg["calibration"],
+            len(oof_rows),
+            fit_seconds,
+        )
+        oof = pd.DataFrame({"probability": oof_probability, TARGET: labels[oof_rows]})
+        with atomic_path(paths.oof) as tmp:
+            oof.to_parquet(tmp, index=False)
+        write_json(paths.search, summary)
+
+        mlflow.set_tags(
+            {
+                "train_data_md5": file_md5(paths.split / "train.parquet"),
+                "valid_data_md5": file_md5(paths.split / "valid.parquet"),
+                "model_family": summary["chosen"],
+            }
+        )
+        mlflow.log_metrics(
+            {
+                "fit_seconds": fit_seconds,
+                "fit_rows": len(rows),
+                "fit_frauds": int(labels.sum()),
+                **{k: v for k, v in summary.items() if isinstance(v, int | float)},
+            }
+        )
+        mlflow.log_artifact(str(paths.oof))
+        example = valid[list(FEATURES)].head(5)
+        logged = mlflow.sklearn.log_model(
+            model,
+            name="model",
+            input_example=example,
+            serialization_format=mlflow.sklearn.SERIALIZATION_FORMAT_PICKLE,
+            signature=infer_signature(example, fraud_probability(model, example)),
+            pyfunc_predict_fn="predict_proba",
+            # Inferring requirements re-imports the model in a subprocess (slow).
+            pip_requirements=[
+                f"scikit-learn=={sklearn.__version__}",
+                *_extra_requirements(members),
+            ],
+        )
+        location = mlflow.get_logged_model(logged.model_id).artifact_location
+        local = mlflow.artifacts.download_artifacts(artifact_uri=f"{location}/{MODEL_ARTIFACT}")
+        with atomic_path(paths.model) as tmp:
+            shutil.copyfile(local, tmp)
+        md5 = file_md5(local)
+        # How evaluate and package find this run and model from the DVC output alone.
+        mlflow.set_tag("model_md5", md5)
+        mlflow.set_logged_model_tags(logged.model_id, {"model_md5": md5})
         log.info("mlflow run %s, model md5 %s", run.info.run_id, md5)
+
+
+def _extra_requirements(members: list[dict]) -> list[str]:
+    if any(m["family"] == "lightgbm" for m in members):
+        import lightgbm
+
+        return [f"lightgbm=={lightgbm.__version__}"]
+    return []
 
 
 if __name__ == "__main__":

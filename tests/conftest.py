@@ -146,7 +146,11 @@ def small_checkout(base: Path) -> tuple[Path, dict[str, str]]:
     copy_checkout(ROOT, ws)
     env = stores_env(base)
     set_params(
-        ws, data__synthetic__rows=30_000, data__synthetic__fraud_rate=0.01, train__hgb__max_iter=60
+        ws,
+        data__synthetic__rows=30_000,
+        data__synthetic__fraud_rate=0.01,
+        train__hgb__max_iter=60,
+        train__search__trials=5,  # every family's defaults, then one proposal
     )
     run(["git", *GIT_ID, "commit", "-qam", "small"], ws, env)
     return ws, env

@@ -38,6 +38,8 @@ def test_repro_builds_every_output(workspace) -> None:
         "data/prepared/transactions.parquet",
         "data/split/train.parquet",
         "models/model.pkl",
+        "models/oof.parquet",
+        "metrics/search.json",
         "models/champion.json",
         "models/bento/bento.yaml",
         "plots/pr_curve.json",
@@ -96,7 +98,16 @@ def test_mlflow_run_and_registry(workspace) -> None:
     client = MlflowClient()
     registry = json.loads((ws / "models/registry.json").read_text())
     run_ = client.get_run(registry["candidate_run_id"])
-    assert run_.data.params["train.model"] == "hgb"
+    assert run_.data.params["train.model"] == "auto"
+    search = json.loads((ws / "metrics/search.json").read_text())
+    assert run_.data.tags["model_family"] == search["chosen"]
+    assert set(search) >= {"chosen", "cv_average_precision", "trials", "cv_ap_hgb", "config"}
+    # Every search trial is a child run of the training run.
+    trials = client.search_runs(
+        [run_.info.experiment_id], f"tags.mlflow.parentRunId = '{run_.info.run_id}'"
+    )
+    assert len(trials) == search["trials"] == 5
+    assert {t.data.params["family"] for t in trials} >= {"hgb", "lightgbm", "extra_trees"}
     assert run_.data.metrics["test_average_precision"] == pytest.approx(
         json.loads((ws / "metrics/evaluate.json").read_text())["average_precision"]
     )

@@ -1,32 +1,36 @@
 """Estimators for fraud scoring, built from params, and their probability calibration.
 
-Everything here is plain scikit-learn, so the pickled model loads wherever scikit-learn
-is installed: serving needs no code from this project to use it.
+Everything here is plain scikit-learn (and LightGBM's scikit-learn estimator), so the
+pickled model loads wherever those are installed: serving needs no code from this project.
 """
 
 from __future__ import annotations
 
 import pickle
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from sklearn.calibration import CalibratedClassifierCV
+from sklearn.calibration import CalibratedClassifierCV, _SigmoidCalibration
 from sklearn.compose import ColumnTransformer
 from sklearn.ensemble import (
     ExtraTreesClassifier,
     HistGradientBoostingClassifier,
     RandomForestClassifier,
+    VotingClassifier,
 )
 from sklearn.frozen import FrozenEstimator
+from sklearn.isotonic import IsotonicRegression
 from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold, TimeSeriesSplit
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import FunctionTransformer, SplineTransformer, StandardScaler
 
 from stages.lib.schema import FEATURES
 
-MODELS = ("logreg", "hgb", "random_forest", "extra_trees")
+MODELS = ("logreg", "hgb", "random_forest", "extra_trees", "lightgbm")
 CALIBRATIONS = ("sigmoid", "isotonic")
 SECONDS_PER_DAY = 86_400
 PCA_FEATURES = [f for f in FEATURES if f.startswith("V")]
@@ -65,32 +69,96 @@ def build_estimator(model: str, hyper: dict[str, Any], seed: int) -> Pipeline:
         clf = RandomForestClassifier(random_state=seed, n_jobs=-1, **hyper)
     elif model == "extra_trees":
         clf = ExtraTreesClassifier(random_state=seed, n_jobs=-1, **hyper)
+    elif model == "lightgbm":
+        from lightgbm import LGBMClassifier
+
+        # deterministic + column-wise histograms: the same trees for the same data and
+        # thread count (n_jobs comes from params so every machine uses the same count).
+        clf = LGBMClassifier(
+            random_state=seed, deterministic=True, force_col_wise=True, verbose=-1, **hyper
+        )
     else:
         raise ValueError(f"train.model must be one of {MODELS}, got {model!r}")
     return Pipeline([("prep", _features(scale=False)), ("clf", clf)])
 
 
-def calibrate(
-    fitted: Pipeline, valid: pd.DataFrame, labels: pd.Series, method: str
-) -> CalibratedClassifierCV:
-    """Map the fitted model's scores to probabilities on held-out data.
+def build_model(members: list[dict[str, Any]], seed: int) -> Any:
+    """One family's pipeline, or the soft-voting average of several (the search may pick
+    the average of its top two)."""
+    if len(members) == 1:
+        return build_estimator(members[0]["family"], members[0]["params"], seed)
+    return VotingClassifier(
+        [(m["family"], build_estimator(m["family"], m["params"], seed)) for m in members],
+        voting="soft",
+    )
 
-    Class weights and boosting distort scores; calibrating on rows the model never saw
-    makes `predict_proba` a real fraud probability. Sigmoid has two parameters and suits
-    the few hundred frauds of a validation slice; isotonic needs more positives.
+
+def folds(n_splits: int, time_ordered: bool, seed: int) -> TimeSeriesSplit | StratifiedKFold:
+    """Forward-chaining folds for time-ordered rows (each fold trains on the past only),
+    stratified shuffled folds otherwise."""
+    if time_ordered:
+        return TimeSeriesSplit(n_splits=n_splits)
+    return StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+
+
+def raw_scores(model: Any, frame: pd.DataFrame) -> np.ndarray:
+    """What CalibratedClassifierCV calibrates: decision_function if the model has one,
+    else the positive class's predict_proba."""
+    features = frame[list(FEATURES)]
+    if hasattr(model, "decision_function"):
+        return np.asarray(model.decision_function(features), dtype="float64")
+    return model.predict_proba(features)[:, 1]
+
+
+def fold_scores(
+    make: Callable[[], Any], frame: pd.DataFrame, labels: np.ndarray, splitter: Any
+) -> Iterator[tuple[np.ndarray, Any, np.ndarray]]:
+    """(held-out row positions, the model fitted without them, its scores on them)."""
+    features = frame[list(FEATURES)]
+    for fit_rows, held_out in splitter.split(features, labels):
+        model = make().fit(features.iloc[fit_rows], labels[fit_rows])
+        yield held_out, model, model.predict_proba(features.iloc[held_out])[:, 1]
+
+
+def cross_fitted(
+    make: Callable[[], Any],
+    frame: pd.DataFrame,
+    labels: np.ndarray,
+    method: str,
+    splitter: Any,
+) -> tuple[CalibratedClassifierCV, np.ndarray, np.ndarray]:
+    """Refit on every row; calibrate on out-of-fold scores instead of a held-out slice.
+
+    Each fold's model scores rows it never saw (with forward-chaining folds, rows later
+    than all it learned from); the calibrator is fitted on those out-of-fold scores, and
+    the model refitted on all rows. The result is a plain CalibratedClassifierCV whose
+    calibrator is the out-of-fold one. Returns it, the out-of-fold row positions and
+    their calibrated probabilities (for choosing the threshold without touching test).
     """
     if method not in CALIBRATIONS:
         raise ValueError(f"train.calibration must be one of {CALIBRATIONS}, got {method!r}")
-    calibrated = CalibratedClassifierCV(FrozenEstimator(fitted), method=method)
-    calibrated.fit(valid[list(FEATURES)], labels)
+    features = frame[list(FEATURES)]
+    positions, scores = [], []
+    for fit_rows, held_out in splitter.split(features, labels):
+        model = make().fit(features.iloc[fit_rows], labels[fit_rows])
+        positions.append(held_out)
+        scores.append(raw_scores(model, frame.iloc[held_out]))
+    oof_rows, oof_scores = np.concatenate(positions), np.concatenate(scores)
     if method == "sigmoid":
-        for fold in calibrated.calibrated_classifiers_:
-            for sigmoid in fold.calibrators:
-                sigmoid.a_, sigmoid.b_ = (
-                    round_significant(sigmoid.a_),
-                    round_significant(sigmoid.b_),
-                )
-    return calibrated
+        calibrator = _SigmoidCalibration().fit(oof_scores, labels[oof_rows])
+        calibrator.a_ = round_significant(calibrator.a_)
+        calibrator.b_ = round_significant(calibrator.b_)
+    else:
+        calibrator = IsotonicRegression(out_of_bounds="clip").fit(oof_scores, labels[oof_rows])
+    final = make().fit(features, labels)
+    # Built by CalibratedClassifierCV itself (on a slice, both classes present), then given
+    # the out-of-fold calibrator: the same object sklearn makes, fitted the honest way.
+    y = labels[oof_rows]
+    slice_rows = np.r_[oof_rows[y == 1], oof_rows[y == 0][:1000]]
+    model = CalibratedClassifierCV(FrozenEstimator(final), method=method)
+    model.fit(features.iloc[slice_rows], labels[slice_rows])
+    model.calibrated_classifiers_[0].calibrators[0] = calibrator
+    return model, oof_rows, calibrator.predict(oof_scores)
 
 
 def round_significant(value: float, digits: int = 10) -> float:

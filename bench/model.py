@@ -1,0 +1,145 @@
+"""Model benchmark: the searched model against each family at its defaults, on the real
+first day of the ULB file (../shared/data/ulb_day1.parquet, skipped when absent) and on
+the default synthetic data, with the pipeline's own protocol.
+
+Protocol, per dataset and split strategy (time, stratified): the pipeline's 60/20/20
+split; the search on the train split (params.yaml's train.search); every model refitted
+on train + valid with out-of-fold calibration; threshold from the out-of-fold scores;
+metrics on the untouched test split.
+
+Writes bench/results/model.md and model.json.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script: `python bench/model.py`
+from stages.lib.evaluation import choose_threshold, score_metrics  # noqa: E402
+from stages.lib.modeling import build_model, cross_fitted, folds, fraud_probability  # noqa: E402
+from stages.lib.search import run_search  # noqa: E402
+from stages.lib.splitting import split_frame  # noqa: E402
+from stages.lib.synthetic import generate  # noqa: E402
+from stages.lib.validation import validate  # noqa: E402
+
+REAL_DAY1 = ROOT.parent / "shared" / "data" / "ulb_day1.parquet"
+RESULTS = ROOT / "bench" / "results"
+
+
+def evaluate(members: list[dict], train, valid, test, params, time_ordered) -> dict:
+    cfg, costs = (
+        params["train"],
+        {
+            "cost_missed_fraud": float(params["evaluate"]["cost_missed_fraud"]),
+            "cost_false_alarm": float(params["evaluate"]["cost_false_alarm"]),
+        },
+    )
+    seed = int(cfg["seed"])
+    rows = pd.concat([train, valid], ignore_index=True)
+    labels = rows["Class"].to_numpy()
+    model, oof_rows, oof_p = cross_fitted(
+        lambda: build_model(members, seed),
+        rows,
+        labels,
+        cfg["calibration"],
+        folds(int(cfg["calibration_folds"]), time_ordered, seed),
+    )
+    threshold, _ = choose_threshold(labels[oof_rows], oof_p, **costs)
+    test_y = test["Class"].to_numpy()
+    metrics = score_metrics(
+        test_y, fraud_probability(model, test), threshold, review_budget=100, **costs
+    )
+    return {
+        k: metrics[k]
+        for k in ("average_precision", "roc_auc", "recall_at_1pct_fpr", "expected_cost")
+    }
+
+
+def bench_one(name: str, frame: pd.DataFrame, strategy: str, params: dict) -> list[dict]:
+    split = params["split"]
+    parts = split_frame(
+        frame,
+        strategy=strategy,
+        valid_size=float(split["valid_size"]),
+        test_size=float(split["test_size"]),
+        seed=int(split["seed"]),
+    )
+    time_ordered = strategy == "time"
+    cfg = params["train"]
+    out = []
+    start = time.perf_counter()
+    defaults = {f: dict(cfg[f]) for f in cfg["search"]["families"]}
+    result = run_search(parts["train"], cfg["search"], defaults, int(cfg["seed"]), time_ordered)
+    row = evaluate(
+        result.members, parts["train"], parts["valid"], parts["test"], params, time_ordered
+    )
+    seconds = time.perf_counter() - start
+    out.append({"data": name, "split": strategy, "model": f"searched: {result.name}", **row,
+                "seconds": seconds, "cv_ap": result.cv_average_precision})  # fmt: skip
+    print(out[-1], flush=True)
+    for family in cfg["search"]["families"]:
+        start = time.perf_counter()
+        members = [{"family": family, "params": dict(cfg[family])}]
+        row = evaluate(members, parts["train"], parts["valid"], parts["test"], params, time_ordered)
+        out.append({"data": name, "split": strategy, "model": f"{family} (defaults)", **row,
+                    "seconds": time.perf_counter() - start,
+                    "cv_ap": result.best_by_family.get(family)})  # fmt: skip
+        print(out[-1], flush=True)
+    return out
+
+
+def main() -> None:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    datasets = {}
+    if REAL_DAY1.is_file():
+        datasets["real day 1"] = pd.read_parquet(REAL_DAY1)
+    else:
+        print(f"skipping the real data: {REAL_DAY1} is absent")
+    syn = params["data"]["synthetic"]
+    synthetic = generate(
+        n_rows=int(syn["rows"]),
+        fraud_rate=float(syn["fraud_rate"]),
+        seed=int(syn["seed"]),
+        camouflaged_fraud_share=float(syn["camouflaged_fraud_share"]),
+        fraud_like_legit_share=float(syn["fraud_like_legit_share"]),
+    )
+    datasets["synthetic (default)"] = synthetic
+    results = []
+    for name, frame in datasets.items():
+        clean, _ = validate(frame, duplicates=params["data"]["duplicates"])
+        for strategy in ("time", "stratified"):
+            results.extend(bench_one(name, clean, strategy, params))
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "model.json").write_text(json.dumps(results, indent=2) + "\n")
+    lines = [
+        "| data | split | model | test AP | ROC AUC | recall@1%FPR | expected cost (EUR) "
+        "| CV AP (search) | fit+search s |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        cv = "" if r["cv_ap"] is None else f"{r['cv_ap']:.3f}"
+        lines.append(
+            f"| {r['data']} | {r['split']} | {r['model']} | {r['average_precision']:.3f} "
+            f"| {r['roc_auc']:.3f} | {r['recall_at_1pct_fpr']:.3f} | {r['expected_cost']:,.0f} "
+            f"| {cv} | {r['seconds']:.0f} |"
+        )
+    (RESULTS / "model.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    ranks = {}
+    for r in results:
+        if "(defaults)" in r["model"] and r["split"] == "time":
+            ranks.setdefault(r["data"], {})[r["model"]] = r["average_precision"]
+    for data, by_model in ranks.items():
+        order = sorted(by_model, key=lambda m: -by_model[m])
+        print(f"{data}, time split, families by test AP: {' > '.join(order)}")
+
+
+if __name__ == "__main__":
+    main()

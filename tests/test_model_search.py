@@ -1,0 +1,100 @@
+"""The model search and the cross-fitted calibration, on small synthetic data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.calibration import CalibratedClassifierCV
+from sklearn.ensemble import VotingClassifier
+
+from stages.lib.modeling import build_model, cross_fitted, folds, fraud_probability, raw_scores
+from stages.lib.search import run_search, search_sample
+from stages.lib.synthetic import generate
+
+SEARCH = {
+    "families": ["hgb", "logreg"],
+    "trials": 4,
+    "timeout_seconds": 120,
+    "folds": 3,
+    "negative_fraction": 0.5,
+    "average_top_two": True,
+}
+DEFAULTS = {
+    "hgb": {"learning_rate": 0.1, "max_iter": 40, "max_leaf_nodes": 15, "min_samples_leaf": 20},
+    "logreg": {"C": 0.1, "class_weight": "balanced"},
+}
+
+
+@pytest.fixture(scope="module")
+def frame() -> pd.DataFrame:
+    return generate(n_rows=6_000, fraud_rate=0.02, seed=5)
+
+
+@pytest.fixture(scope="module")
+def searched(frame: pd.DataFrame):
+    seen: list[dict] = []
+    result = run_search(frame, SEARCH, DEFAULTS, seed=3, time_ordered=True, on_trial=seen.append)
+    return result, seen
+
+
+def test_search_tries_every_family_default_first(searched) -> None:
+    result, seen = searched
+    assert [r["family"] for r in seen[:2]] == ["hgb", "logreg"]
+    assert seen[0]["params"]["learning_rate"] == 0.1 and seen[1]["params"]["C"] == 0.1
+    assert result.trials == len(seen) == 4 and result.complete
+    assert set(result.best_by_family) == {"hgb", "logreg"}
+    assert result.cv_average_precision >= max(result.best_by_family.values())
+
+
+def test_search_is_deterministic(frame: pd.DataFrame, searched) -> None:
+    again = run_search(frame, SEARCH, DEFAULTS, seed=3, time_ordered=True)
+    result, _ = searched
+    assert again.members == result.members
+    assert again.cv_average_precision == result.cv_average_precision
+
+
+def test_timeout_is_reported(frame: pd.DataFrame) -> None:
+    cut = run_search(frame, {**SEARCH, "timeout_seconds": 0.01}, DEFAULTS, 3, True)
+    assert not cut.complete and cut.trials < SEARCH["trials"]
+
+
+def test_forward_chaining_never_learns_from_the_future() -> None:
+    rows = np.arange(100)
+    for fit_rows, held_out in folds(3, time_ordered=True, seed=0).split(rows):
+        assert fit_rows.max() < held_out.min()
+
+
+def test_search_sample_keeps_all_frauds_in_order(frame: pd.DataFrame) -> None:
+    sample = search_sample(frame, 0.3, seed=1)
+    assert sample["Class"].sum() == frame["Class"].sum()
+    assert sample["Time"].is_monotonic_increasing
+    assert 0.2 < (sample["Class"] == 0).sum() / (frame["Class"] == 0).sum() < 0.4
+
+
+def test_cross_fitted_calibration(frame: pd.DataFrame) -> None:
+    labels = frame["Class"].to_numpy()
+    members = [{"family": "hgb", "params": DEFAULTS["hgb"]}]
+    model, oof_rows, oof_p = cross_fitted(
+        lambda: build_model(members, 0), frame, labels, "sigmoid", folds(3, True, 0)
+    )
+    # Forward chaining: the first block is never out-of-fold; the rest is, once each.
+    assert len(np.unique(oof_rows)) == len(oof_rows) and oof_rows.min() > 0
+    assert oof_rows.max() == len(frame) - 1
+    assert isinstance(model, CalibratedClassifierCV)
+    calibrator = model.calibrated_classifiers_[0].calibrators[0]
+    final = model.calibrated_classifiers_[0].estimator
+    # The served probability is the out-of-fold calibrator on the refitted model's score.
+    head = frame.head(50)
+    np.testing.assert_allclose(
+        fraud_probability(model, head), calibrator.predict(raw_scores(final, head)), rtol=1e-12
+    )
+    assert ((oof_p >= 0) & (oof_p <= 1)).all()
+
+
+def test_average_of_two_is_plain_sklearn() -> None:
+    members = [
+        {"family": "hgb", "params": DEFAULTS["hgb"]},
+        {"family": "logreg", "params": DEFAULTS["logreg"]},
+    ]
+    assert isinstance(build_model(members, 0), VotingClassifier)
