@@ -115,7 +115,7 @@ def main() -> None:
         fit_seconds = time.perf_counter() - start
         log.info(
             "refit and %s calibration on %d out-of-fold rows: %.1f s",
-            cfg["calibration"],
+            model.method,
             len(oof_rows),
             fit_seconds,
         )
@@ -129,6 +129,7 @@ def main() -> None:
                 "train_data_md5": file_md5(paths.split / "train.parquet"),
                 "valid_data_md5": file_md5(paths.split / "valid.parquet"),
                 "model_family": summary["chosen"],
+                "calibration_method": model.method,
             }
         )
         mlflow.log_metrics(

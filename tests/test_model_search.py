@@ -19,6 +19,7 @@ SEARCH = {
     "folds": 3,
     "negative_fraction": 0.5,
     "average_top_two": True,
+    "average_min_gain": 0.0,
 }
 DEFAULTS = {
     "hgb": {"learning_rate": 0.1, "max_iter": 40, "max_leaf_nodes": 15, "min_samples_leaf": 20},

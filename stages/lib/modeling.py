@@ -31,7 +31,7 @@ from sklearn.preprocessing import FunctionTransformer, SplineTransformer, Standa
 from stages.lib.schema import FEATURES
 
 MODELS = ("logreg", "hgb", "random_forest", "extra_trees", "lightgbm")
-CALIBRATIONS = ("sigmoid", "isotonic")
+CALIBRATIONS = ("auto", "sigmoid", "isotonic")
 SECONDS_PER_DAY = 86_400
 PCA_FEATURES = [f for f in FEATURES if f.startswith("V")]
 
@@ -137,6 +137,8 @@ def cross_fitted(
     """
     if method not in CALIBRATIONS:
         raise ValueError(f"train.calibration must be one of {CALIBRATIONS}, got {method!r}")
+    if method == "auto":
+        method = calibration_for(make())
     features = frame[list(FEATURES)]
     positions, scores = [], []
     for fit_rows, held_out in splitter.split(features, labels):
@@ -159,6 +161,15 @@ def cross_fitted(
     model.fit(features.iloc[slice_rows], labels[slice_rows])
     model.calibrated_classifiers_[0].calibrators[0] = calibrator
     return model, oof_rows, calibrator.predict(oof_scores)
+
+
+def calibration_for(model: Any) -> str:
+    """Platt's sigmoid is linear in its input: right for a decision_function's log-odds,
+    wrong for a predict_proba in [0, 1], where it puts a floor under every probability
+    (measured: three quarters of the rows at 0.00034 for a LightGBM + HGB average, and a
+    cost-optimal threshold at that floor). Isotonic suits probabilities; its steps tie
+    some scores (test AP 0.813 -> 0.798 there, Brier 0.00055 -> 0.00035)."""
+    return "sigmoid" if hasattr(model, "decision_function") else "isotonic"
 
 
 def round_significant(value: float, digits: int = 10) -> float:

@@ -201,7 +201,9 @@ def run_search(
             second["family"],
             float(np.mean(averaged)),
         )
-        if float(np.mean(averaged)) > score:
+        # An average costs two fits and two models to serve, and probability-only models
+        # calibrate with isotonic steps: keep it only for a real gain.
+        if float(np.mean(averaged)) >= score + float(cfg["average_min_gain"]):
             members.append({"family": second["family"], "params": second["params"]})
             score = float(np.mean(averaged))
     return SearchResult(
