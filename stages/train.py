@@ -20,7 +20,14 @@ from typing import Any
 
 import pandas as pd
 
-from stages.lib.modeling import MODELS, build_model, cross_fitted, folds, fraud_probability
+from stages.lib.modeling import (
+    MODELS,
+    build_model,
+    calibration_name,
+    cross_fitted,
+    folds,
+    fraud_probability,
+)
 from stages.lib.project import (
     atomic_path,
     configure_environment,
@@ -115,7 +122,7 @@ def main() -> None:
         fit_seconds = time.perf_counter() - start
         log.info(
             "refit and %s calibration on %d out-of-fold rows: %.1f s",
-            model.method,
+            calibration_name(model),
             len(oof_rows),
             fit_seconds,
         )
@@ -129,7 +136,7 @@ def main() -> None:
                 "train_data_md5": file_md5(paths.split / "train.parquet"),
                 "valid_data_md5": file_md5(paths.split / "valid.parquet"),
                 "model_family": summary["chosen"],
-                "calibration_method": model.method,
+                "calibration_method": calibration_name(model),
             }
         )
         mlflow.log_metrics(

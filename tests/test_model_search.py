@@ -6,9 +6,10 @@ import numpy as np
 import pandas as pd
 import pytest
 from sklearn.calibration import CalibratedClassifierCV
-from sklearn.ensemble import VotingClassifier
+from sklearn.ensemble import StackingClassifier, VotingClassifier
 
 from stages.lib.modeling import build_model, cross_fitted, folds, fraud_probability, raw_scores
+from stages.lib.schema import FEATURES
 from stages.lib.search import run_search, search_sample
 from stages.lib.synthetic import generate
 
@@ -99,3 +100,20 @@ def test_average_of_two_is_plain_sklearn() -> None:
         {"family": "logreg", "params": DEFAULTS["logreg"]},
     ]
     assert isinstance(build_model(members, 0), VotingClassifier)
+
+
+def test_probability_only_models_get_platt_on_log_odds(frame: pd.DataFrame) -> None:
+    """No floor under the probabilities and no ties: the ranking the search scored."""
+    labels = frame["Class"].to_numpy()
+    members = [{"family": "extra_trees", "params": {"n_estimators": 30, "min_samples_leaf": 3}}]
+    model, _, oof_p = cross_fitted(
+        lambda: build_model(members, 0), frame, labels, "auto", folds(3, True, 0)
+    )
+    assert isinstance(model, StackingClassifier)
+    head = frame.tail(400)
+    raw = model.estimators_[0].predict_proba(head[list(FEATURES)])[:, 1]
+    served = fraud_probability(model, head)
+    order = np.argsort(raw, kind="stable")
+    assert (np.diff(served[order]) >= 0).all()  # monotone in the model's own score
+    assert len(np.unique(served)) == len(np.unique(raw))  # no new ties
+    assert oof_p.min() < 1e-3 < oof_p.max()
