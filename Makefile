@@ -15,7 +15,7 @@ export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 export BENTOML_HOME ?= $(CURDIR)/bentoml_home
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup system-deps run pipeline serve ui up down snapshot test lint bench lock clean mlflow-ui push pull
+.PHONY: setup system-deps run pipeline serve ui up down snapshot test lint bench bench-model lock clean mlflow-ui push pull
 
 setup: $(VENV)/.installed
 
@@ -83,6 +83,10 @@ push: setup
 
 pull: setup
 	$(BIN)/dvc pull
+
+# Model quality on the real first day (../shared/, skipped when absent) and the synthetic data.
+bench-model: setup
+	$(BIN)/python bench/model.py
 
 mlflow-ui: setup
 	$(BIN)/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host 127.0.0.1 --port 5000

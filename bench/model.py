@@ -23,10 +23,10 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script: `python bench/model.py`
 from stages.lib.evaluation import choose_threshold, score_metrics  # noqa: E402
-from stages.lib.modeling import build_model, cross_fitted, folds, fraud_probability  # noqa: E402
+from stages.lib.modeling import fraud_probability, refit_calibrated  # noqa: E402
 from stages.lib.search import run_search  # noqa: E402
 from stages.lib.splitting import split_frame  # noqa: E402
-from stages.lib.synthetic import generate  # noqa: E402
+from stages.lib.synthetic import generate_from_params  # noqa: E402
 from stages.lib.validation import validate  # noqa: E402
 
 REAL_DAY1 = ROOT.parent / "shared" / "data" / "ulb_day1.parquet"
@@ -34,23 +34,13 @@ RESULTS = ROOT / "bench" / "results"
 
 
 def evaluate(members: list[dict], train, valid, test, params, time_ordered) -> dict:
-    cfg, costs = (
-        params["train"],
-        {
-            "cost_missed_fraud": float(params["evaluate"]["cost_missed_fraud"]),
-            "cost_false_alarm": float(params["evaluate"]["cost_false_alarm"]),
-        },
-    )
-    seed = int(cfg["seed"])
+    costs = {
+        "cost_missed_fraud": float(params["evaluate"]["cost_missed_fraud"]),
+        "cost_false_alarm": float(params["evaluate"]["cost_false_alarm"]),
+    }
     rows = pd.concat([train, valid], ignore_index=True)
     labels = rows["Class"].to_numpy()
-    model, oof_rows, oof_p = cross_fitted(
-        lambda: build_model(members, seed),
-        rows,
-        labels,
-        cfg["calibration"],
-        folds(int(cfg["calibration_folds"]), time_ordered, seed),
-    )
+    model, oof_rows, oof_p = refit_calibrated(members, rows, params["train"], time_ordered)
     threshold, _ = choose_threshold(labels[oof_rows], oof_p, **costs)
     test_y = test["Class"].to_numpy()
     metrics = score_metrics(
@@ -102,15 +92,7 @@ def main() -> None:
         datasets["real day 1"] = pd.read_parquet(REAL_DAY1)
     else:
         print(f"skipping the real data: {REAL_DAY1} is absent")
-    syn = params["data"]["synthetic"]
-    synthetic = generate(
-        n_rows=int(syn["rows"]),
-        fraud_rate=float(syn["fraud_rate"]),
-        seed=int(syn["seed"]),
-        camouflaged_fraud_share=float(syn["camouflaged_fraud_share"]),
-        fraud_like_legit_share=float(syn["fraud_like_legit_share"]),
-    )
-    datasets["synthetic (default)"] = synthetic
+    datasets["synthetic (default)"] = generate_from_params(params["data"]["synthetic"])
     results = []
     for name, frame in datasets.items():
         clean, _ = validate(frame, duplicates=params["data"]["duplicates"])

@@ -27,17 +27,9 @@ def load_source(data: dict, raw_dir: Path) -> tuple[pd.DataFrame, str]:
     """Return the raw frame and a description of where it came from."""
     source = str(data["source"])
     if source == "synthetic":
-        from stages.lib.synthetic import generate
+        from stages.lib.synthetic import generate_from_params
 
-        cfg = data["synthetic"]
-        frame = generate(
-            n_rows=int(cfg["rows"]),
-            fraud_rate=float(cfg["fraud_rate"]),
-            seed=int(cfg["seed"]),
-            camouflaged_fraud_share=float(cfg["camouflaged_fraud_share"]),
-            fraud_like_legit_share=float(cfg["fraud_like_legit_share"]),
-        )
-        return frame, "synthetic"
+        return generate_from_params(data["synthetic"]), "synthetic"
     path = (workspace_root() / source).resolve()
     # Only files under data/raw/ are a DVC dependency of this stage; anything else would
     # change without dvc repro noticing.

@@ -20,14 +20,7 @@ from typing import Any
 
 import pandas as pd
 
-from stages.lib.modeling import (
-    MODELS,
-    build_model,
-    calibration_name,
-    cross_fitted,
-    folds,
-    fraud_probability,
-)
+from stages.lib.modeling import MODELS, calibration_name, fraud_probability, refit_calibrated
 from stages.lib.project import (
     atomic_path,
     configure_environment,
@@ -99,7 +92,6 @@ def main() -> None:
 
     params = stage_params("train")
     cfg = params["train"]
-    seed = int(cfg["seed"])
     time_ordered = params["split"]["strategy"] == "time"
     with stage_timer("train"), start_training_run() as run:
         train = pd.read_parquet(paths.split / "train.parquet")
@@ -112,13 +104,7 @@ def main() -> None:
         labels = rows[TARGET].to_numpy()
         log.info("refitting %s on %d rows (%d frauds)", summary["chosen"], len(rows), labels.sum())
         start = time.perf_counter()
-        model, oof_rows, oof_probability = cross_fitted(
-            lambda: build_model(members, seed),
-            rows,
-            labels,
-            cfg["calibration"],
-            folds(int(cfg["calibration_folds"]), time_ordered, seed),
-        )
+        model, oof_rows, oof_probability = refit_calibrated(members, rows, cfg, time_ordered)
         fit_seconds = time.perf_counter() - start
         log.info(
             "refit and %s calibration on %d out-of-fold rows: %.1f s",

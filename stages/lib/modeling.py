@@ -193,6 +193,21 @@ def cross_fitted(
     return model, oof_rows, calibrator.predict(oof_scores)
 
 
+def refit_calibrated(
+    members: list[dict[str, Any]], rows: pd.DataFrame, train_cfg: dict, time_ordered: bool
+) -> tuple[Any, np.ndarray, np.ndarray]:
+    """The pipeline's final fit: `members` refitted on `rows` (train + valid), calibrated
+    on out-of-fold scores as `train.calibration` and `train.calibration_folds` say."""
+    seed = int(train_cfg["seed"])
+    return cross_fitted(
+        lambda: build_model(members, seed),
+        rows,
+        rows["Class"].to_numpy(),
+        train_cfg["calibration"],
+        folds(int(train_cfg["calibration_folds"]), time_ordered, seed),
+    )
+
+
 # Probabilities of exactly 0 or 1 (tree ensembles give them) have infinite log-odds.
 LOGIT_CLIP = 1e-9
 

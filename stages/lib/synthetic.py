@@ -169,3 +169,14 @@ def generate(
     frame = pd.concat([unique, copies], ignore_index=True)
     frame = frame.sort_values("Time", kind="stable", ignore_index=True)
     return frame[list(COLUMNS)].astype({TARGET: "int64"})
+
+
+def generate_from_params(cfg: dict) -> pd.DataFrame:
+    """generate() with params.yaml's `data.synthetic` block."""
+    return generate(
+        n_rows=int(cfg["rows"]),
+        fraud_rate=float(cfg["fraud_rate"]),
+        seed=int(cfg["seed"]),
+        camouflaged_fraud_share=float(cfg["camouflaged_fraud_share"]),
+        fraud_like_legit_share=float(cfg["fraud_like_legit_share"]),
+    )
