@@ -26,7 +26,11 @@ from stages.lib.project import copy_checkout  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 RESULTS = ROOT / "bench" / "results"
-GOALS = {"pipeline_s": 60.0, "noop_s": 2.0, "peak_mb": 2048.0}
+GOALS = {
+    "pipeline_s": 120.0,  # with the model search (issue: model)
+    "noop_s": 2.0,
+    "peak_mb": 2048.0,
+}
 
 
 def timed(args: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, float]:
