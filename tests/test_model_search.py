@@ -115,5 +115,7 @@ def test_probability_only_models_get_platt_on_log_odds(frame: pd.DataFrame) -> N
     served = fraud_probability(model, head)
     order = np.argsort(raw, kind="stable")
     assert (np.diff(served[order]) >= 0).all()  # monotone in the model's own score
-    assert len(np.unique(served)) == len(np.unique(raw))  # no new ties
+    # No new ties (isotonic's steps): distinct scores stay distinct, beyond float noise.
+    distinct = np.diff(raw[order]) > 1e-12
+    assert (np.diff(served[order])[distinct] > 0).all()
     assert oof_p.min() < 1e-3 < oof_p.max()

@@ -33,6 +33,11 @@ from sklearn.preprocessing import FunctionTransformer, SplineTransformer, Standa
 from stages.lib.schema import FEATURES
 
 MODELS = ("logreg", "hgb", "random_forest", "extra_trees", "lightgbm")
+# Forests sum their trees' probabilities across threads in whatever order the threads
+# finish, so with n_jobs > 1 predict_proba differs in the last bits from run to run (seen:
+# two scores merging in one run, not the next), and so would the out-of-fold file and
+# dvc.lock. One thread keeps them reproducible, at twice the fit time on two cores.
+FOREST_JOBS = 1
 CALIBRATIONS = ("auto", "sigmoid", "isotonic")  # auto: Platt on log-odds (see cross_fitted)
 SECONDS_PER_DAY = 86_400
 PCA_FEATURES = [f for f in FEATURES if f.startswith("V")]
@@ -68,9 +73,9 @@ def build_estimator(model: str, hyper: dict[str, Any], seed: int) -> Pipeline:
     if model == "hgb":
         clf = HistGradientBoostingClassifier(random_state=seed, **hyper)
     elif model == "random_forest":
-        clf = RandomForestClassifier(random_state=seed, n_jobs=-1, **hyper)
+        clf = RandomForestClassifier(random_state=seed, n_jobs=FOREST_JOBS, **hyper)
     elif model == "extra_trees":
-        clf = ExtraTreesClassifier(random_state=seed, n_jobs=-1, **hyper)
+        clf = ExtraTreesClassifier(random_state=seed, n_jobs=FOREST_JOBS, **hyper)
     elif model == "lightgbm":
         from lightgbm import LGBMClassifier
 
