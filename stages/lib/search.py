@@ -23,7 +23,7 @@ import optuna
 import pandas as pd
 from sklearn.metrics import average_precision_score
 
-from stages.lib.modeling import build_estimator, build_model, fold_scores, folds
+from stages.lib.modeling import build_estimator, fold_scores, folds
 from stages.lib.schema import TARGET
 
 log = logging.getLogger("fraudops.search")
@@ -214,8 +214,3 @@ def run_search(
         complete=complete,
         history=history,
     )
-
-
-def chosen_model(result: SearchResult, seed: int) -> Any:
-    """An unfitted estimator for the search's choice."""
-    return build_model(result.members, seed)

@@ -8,7 +8,6 @@ machine that reproduces the same model.
 from __future__ import annotations
 
 import os
-from typing import Any
 
 import mlflow
 from mlflow.entities import LoggedModel
@@ -78,7 +77,3 @@ def logged_model_for(model_md5: str) -> LoggedModel:
             "Run `dvc repro --force -s train` to train and log it here."
         )
     return found[0]
-
-
-def run_params(run_id: str) -> dict[str, Any]:
-    return dict(mlflow.get_run(run_id).data.params)
