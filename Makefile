@@ -15,7 +15,7 @@ export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 export BENTOML_HOME ?= $(CURDIR)/bentoml_home
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup system-deps run pipeline serve ui up down snapshot test lint bench bench-model lock clean mlflow-ui push pull
+.PHONY: setup system-deps run pipeline serve ui up down snapshot test lint bench bench-model bench-serving lock clean mlflow-ui push pull
 
 setup: $(VENV)/.installed
 
@@ -74,6 +74,11 @@ lint: setup
 
 bench: setup
 	$(BIN)/python bench/pipeline.py
+	@test -f "$(BENTO_DIR)/bento.yaml" || $(MAKE) pipeline
+	$(BIN)/python bench/serving.py
+
+# Serving only: in-process runtimes, single rows vs BentoML's floor, batches, a CPU hog.
+bench-serving: setup
 	@test -f "$(BENTO_DIR)/bento.yaml" || $(MAKE) pipeline
 	$(BIN)/python bench/serving.py
 

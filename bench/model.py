@@ -12,6 +12,7 @@ Writes bench/results/model.md and model.json.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
@@ -86,20 +87,31 @@ def bench_one(name: str, frame: pd.DataFrame, strategy: str, params: dict) -> li
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", choices=("real", "synthetic"), nargs="+",
+                        default=["real", "synthetic"])  # fmt: skip
+    parser.add_argument("--split", choices=("time", "stratified"), nargs="+",
+                        default=["time", "stratified"])  # fmt: skip
+    parser.add_argument("--output", type=Path, default=RESULTS,
+                        help="directory for model.md and model.json")  # fmt: skip
+    args = parser.parse_args()
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     datasets = {}
-    if REAL_DAY1.is_file():
-        datasets["real day 1"] = pd.read_parquet(REAL_DAY1)
-    else:
-        print(f"skipping the real data: {REAL_DAY1} is absent")
-    datasets["synthetic (default)"] = generate_from_params(params["data"]["synthetic"])
+    if "real" in args.data:
+        if REAL_DAY1.is_file():
+            datasets["real day 1"] = pd.read_parquet(REAL_DAY1)
+        else:
+            print(f"skipping the real data: {REAL_DAY1} is absent")
+    if "synthetic" in args.data:
+        datasets["synthetic (default)"] = generate_from_params(params["data"]["synthetic"])
     results = []
     for name, frame in datasets.items():
         clean, _ = validate(frame, duplicates=params["data"]["duplicates"])
-        for strategy in ("time", "stratified"):
+        for strategy in args.split:
             results.extend(bench_one(name, clean, strategy, params))
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "model.json").write_text(json.dumps(results, indent=2) + "\n")
+    output = args.output
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "model.json").write_text(json.dumps(results, indent=2) + "\n")
     lines = [
         "| data | split | model | test AP | ROC AUC | recall@1%FPR | expected cost (EUR) "
         "| CV AP (search) | fit+search s |",
@@ -112,7 +124,7 @@ def main() -> None:
             f"| {r['roc_auc']:.3f} | {r['recall_at_1pct_fpr']:.3f} | {r['expected_cost']:,.0f} "
             f"| {cv} | {r['seconds']:.0f} |"
         )
-    (RESULTS / "model.md").write_text("\n".join(lines) + "\n")
+    (output / "model.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     ranks = {}
     for r in results:

@@ -1,10 +1,13 @@
 """Benchmark: the running Bento against the model in-process, side by side in one run.
 
-Starts `bentoml serve` on a free loopback port (the project's built Bento), then drives it
-from this process with bounded request counts and time: JSON and file (CSV) batches of
-1, 100, 10,000 and 100,000 rows at concurrency 1 and 8; files as CSV in and out, and
-as Parquet in and out. In the same run it times the
-model's own predict_proba on the same rows, and reports service / in-process throughput.
+1. In-process model time per runtime (the compiled ONNX graph and scikit-learn, loaded
+   from the Bento as the service loads them): one-row p50/p99 and rows/s at 1, 100, 10k
+   and 100k rows.
+2. HTTP, `bentoml serve` of the project's Bento on a free loopback port: single-row JSON
+   p50/p99 at concurrency 1, 8 and 32, beside BentoML's own floor (a no-op service served
+   the same way, same run); JSON, CSV and Parquet batches of 1 to 100k rows.
+3. Single rows again with a CPU hog (one busy process per core) beside the service.
+
 Writes bench/results/serving.md and .json.
 """
 
@@ -13,9 +16,9 @@ from __future__ import annotations
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,46 +29,75 @@ import requests
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script: `python bench/serving.py`
-from stages.lib.modeling import load_model  # noqa: E402
 from stages.lib.project import pipeline_path  # noqa: E402
+from stages.lib.servers import BIN, free_port, start_bento, start_server, stop  # noqa: E402
 
-BIN = Path(sys.executable).parent
 RESULTS = ROOT / "bench" / "results"
 SIZES = (1, 100, 10_000, 100_000)
 CONCURRENCY = (1, 8)
+SINGLE_ROW_CONCURRENCY = (1, 8, 32)
 CASE_SECONDS = 10.0  # each case stops issuing requests after this
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+NOOP_SERVICE = """
+import bentoml
+
+@bentoml.service(name="noop")
+class Noop:
+    @bentoml.api(route="/predict")
+    def predict(self, transactions: list[dict]) -> dict:
+        return {"predictions": []}
+"""
 
 
-def start_server(env: dict[str, str]) -> tuple[subprocess.Popen, str]:
-    bento = pipeline_path("bento", ROOT)  # the package stage's Bento folder
+def start_noop(env: dict[str, str], workdir: Path) -> tuple[subprocess.Popen, str]:
+    """BentoML's floor: a service that does nothing, served like the real one."""
+    (workdir / "noop_service.py").write_text(NOOP_SERVICE)
     port = free_port()
-    process = subprocess.Popen(
-        [str(BIN / "bentoml"), "serve", str(bento), "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
     url = f"http://127.0.0.1:{port}"
-    for _ in range(120):
-        try:
-            if requests.get(f"{url}/readyz", timeout=1).status_code == 200:
-                return process, url
-        except requests.RequestException:
-            time.sleep(0.5)
-    process.kill()
-    raise SystemExit("the service did not become ready")
+    args = [str(BIN / "bentoml"), "serve", "noop_service:Noop", "--host", "127.0.0.1",
+            "--port", str(port), "--working-dir", str(workdir)]  # fmt: skip
+    return start_server(args, env, workdir / "noop.log", f"{url}/readyz"), url
 
 
-def in_process_rows_per_s(model, frame: pd.DataFrame, repeats: int = 3) -> float:
-    best = min(_timed(lambda: model.predict_proba(frame)) for _ in range(repeats))
-    return len(frame) / best
+def load_runtimes(bento: Path, threads: int) -> dict:
+    """The service's own runtime module over the Bento's model files."""
+    sys.path.insert(0, str(bento / "src"))
+    import runtime  # the Bento's serving/runtime.py
+
+    model_dir = next(p for p in (bento / "models").glob("*/*") if p.is_dir())
+    contract = json.loads((model_dir / "contract.json").read_text())
+    path_of = lambda name: str(model_dir / name)  # noqa: E731
+    found = {"sklearn": runtime.load_runtime("sklearn", contract, path_of, threads)}
+    if contract.get("runtime", {}).get("onnx"):
+        found["onnx"] = runtime.load_runtime("onnx", contract, path_of, threads)
+    return found
+
+
+def in_process(runtimes: dict, frame: pd.DataFrame) -> dict:
+    out = {}
+    for name, rt in runtimes.items():
+        one = frame.head(1)
+        rt.probability(one)
+        times = []
+        deadline = time.perf_counter() + 5.0
+        while len(times) < 2000 and time.perf_counter() < deadline:
+            times.append(_timed(lambda rt=rt, one=one: rt.probability(one)))
+        ms = np.asarray(times) * 1000
+        rates = {}
+        for n in SIZES:
+            rates[n] = n / min(_timed(lambda rt=rt, n=n: rt.probability(frame.head(n)))
+                               for _ in range(3))  # fmt: skip
+        out[name] = {"p50_ms": float(np.percentile(ms, 50)),
+                     "p99_ms": float(np.percentile(ms, 99)), "rows_per_s": rates}  # fmt: skip
+        print(f"in-process {name}: 1 row p50 {out[name]['p50_ms']:.3f} ms "
+              f"p99 {out[name]['p99_ms']:.3f} ms; rows/s {rates}", flush=True)  # fmt: skip
+    return out
+
+
+def cpu_hog() -> list[subprocess.Popen]:
+    code = "while True: pass"
+    return [subprocess.Popen([sys.executable, "-c", code]) for _ in range(os.cpu_count() or 1)]
 
 
 def _timed(fn) -> float:
@@ -74,8 +106,11 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def run_case(url: str, kind: str, body: bytes, rows: int, concurrency: int) -> dict:
+def run_case(
+    url: str, kind: str, body: bytes, rows: int, concurrency: int, min_requests: int = 0
+) -> dict:
     requests_total = max(concurrency * 2, min(400, 2_000_000 // max(rows, 1) // 10))
+    requests_total = max(requests_total, min_requests)
     if rows >= 100_000:
         requests_total = concurrency * 2 if concurrency > 1 else 3
     data = None
@@ -120,6 +155,18 @@ def run_case(url: str, kind: str, body: bytes, rows: int, concurrency: int) -> d
     }
 
 
+def single_rows(url: str, body: bytes, label: str) -> list[dict]:
+    cases = []
+    for concurrency in SINGLE_ROW_CONCURRENCY:
+        case = run_case(url, "json", body, 1, concurrency, min_requests=400 * concurrency)
+        case["case"] = label
+        cases.append(case)
+        print(f"1-row {label:28s} c={concurrency:2d} {case['rows_per_s']:7.0f} req/s "
+              f"p50={case['p50_ms']:.1f} p99={case['p99_ms']:.1f} ms "
+              f"errors={case['errors']}", flush=True)  # fmt: skip
+    return cases
+
+
 def main() -> None:
     env = {
         **os.environ,
@@ -127,13 +174,30 @@ def main() -> None:
         "BENTOML_DO_NOT_TRACK": "true",
         "FRAUD_MAX_JSON_ROWS": str(max(SIZES)),
     }
+    bento = pipeline_path("bento", ROOT)  # the package stage's Bento folder
     test = pd.read_parquet(ROOT / "data/split/test.parquet").drop(columns="Class")
     frame = pd.concat([test] * (max(SIZES) // len(test) + 1), ignore_index=True).head(max(SIZES))
-    model = load_model(pipeline_path("model", ROOT))
-    baseline = {n: in_process_rows_per_s(model, frame.head(n)) for n in SIZES}
-    process, url = start_server(env)
+    runtimes = in_process(load_runtimes(bento, os.cpu_count() or 1), frame)
+    served = "onnx" if "onnx" in runtimes else "sklearn"
+    baseline = runtimes[served]["rows_per_s"]
+    one_row = json.dumps({"transactions": frame.head(1).to_dict(orient="records")}).encode()
+    work = Path(tempfile.mkdtemp(prefix="bench-serving-"))
+    single: list[dict] = []
+    noop, noop_url = start_noop(env, work)
+    try:
+        single += single_rows(noop_url, one_row, "BentoML no-op floor")
+    finally:
+        stop(noop)
+    process, url = start_bento(bento, env, work / "serve.log")
     results = []
     try:
+        single += single_rows(url, one_row, f"fraud service ({served})")
+        hogs = cpu_hog()
+        try:
+            single += single_rows(url, one_row, f"fraud service, CPU hog ({served})")
+        finally:
+            for hog in hogs:
+                hog.kill()
         for rows in SIZES:
             part = frame.head(rows)
             parquet = io.BytesIO()
@@ -156,31 +220,42 @@ def main() -> None:
                         flush=True,
                     )
     finally:
-        os.killpg(process.pid, 15)
-        process.wait(timeout=30)
-    lines = [
-        "Serving benchmark: bentoml serve on 127.0.0.1 vs in-process predict_proba, same rows, "
-        f"same run ({os.cpu_count()} cores)",
-        "",
-        "| input | rows/request | concurrency | requests | rows/s | p50 ms | p95 ms | p99 ms "
-        "| service / in-process | errors |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+        stop(process)
+    write_report(runtimes, single, results, served)
+
+
+def write_report(runtimes: dict, single: list[dict], results: list[dict], served: str) -> None:
+    cores = os.cpu_count()
+    lines = [f"Serving benchmark, one run on {cores} cores (`make bench-serving`).", "",
+             "In-process model time per runtime (the Bento's own model files):", "",
+             "| runtime | 1 row p50 ms | 1 row p99 ms | "
+             + " | ".join(f"{n:,} rows/s" for n in SIZES) + " |",
+             "|---|---:|---:|" + "---:|" * len(SIZES)]  # fmt: skip
+    for name, r in runtimes.items():
+        rates = " | ".join(f"{r['rows_per_s'][n]:,.0f}" for n in SIZES)
+        lines.append(f"| {name} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {rates} |")
+    floor = {c["concurrency"]: c["p99_ms"] for c in single if "no-op" in c["case"]}
+    lines += ["", "Single-row JSON requests over HTTP (`/predict`):", "",
+              "| case | concurrency | requests | requests/s | p50 ms | p99 ms | p99 / no-op p99 "
+              "| errors |", "|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for c in single:
+        ratio = c["p99_ms"] / floor[c["concurrency"]] if floor.get(c["concurrency"]) else 0
+        lines.append(f"| {c['case']} | {c['concurrency']} | {c['requests']} | "
+                     f"{c['rows_per_s']:,.0f} | {c['p50_ms']:.1f} | {c['p99_ms']:.1f} | "
+                     f"{ratio:.1f}x | {c['errors']} |")  # fmt: skip
+    lines += ["", f"Batches over HTTP against in-process {served} throughput, same rows:", "",
+              "| input | rows/request | concurrency | requests | rows/s | p50 ms | p95 ms "
+              "| p99 ms | service / in-process | errors |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for c in results:
         lines.append(
             f"| {c['kind']} | {c['rows']:,} | {c['concurrency']} | {c['requests']} | "
             f"{c['rows_per_s']:,.0f} | {c['p50_ms']:.1f} | {c['p95_ms']:.1f} | "
             f"{c['p99_ms']:.1f} | {c['ratio_to_in_process']:.2f} | {c['errors']} |"
         )
-    lines += [
-        "",
-        "In-process predict_proba (best of 3): "
-        + ", ".join(f"{n:,} rows {baseline[n]:,.0f} rows/s" for n in SIZES),
-    ]
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "serving.json").write_text(
-        json.dumps({"cases": results, "in_process_rows_per_s": baseline}, indent=2) + "\n"
-    )
+    report = {"in_process": runtimes, "single_row": single, "batches": results}
+    (RESULTS / "serving.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     (RESULTS / "serving.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

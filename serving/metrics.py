@@ -48,13 +48,15 @@ MODEL_INFO = Gauge(
     "The model in service (value 1)",
     # Content identities, the same wherever this Bento runs; the registry maps model_md5
     # to its version and training run (MLflow tag model_md5).
-    ["model_tag", "registered_model", "model_md5", "model_family", "train_data_md5"],
+    # runtime: onnx (the verified compiled model) or sklearn.
+    ["model_tag", "registered_model", "model_md5", "model_family", "train_data_md5", "runtime"],
 )
 
 
-def set_model_info(lineage: dict[str, Any], model_tag: str) -> None:
+def set_model_info(lineage: dict[str, Any], model_tag: str, runtime: str) -> None:
     MODEL_INFO.labels(
         model_tag=model_tag,
+        runtime=runtime,
         registered_model=lineage["registered_model"],
         model_md5=lineage["model_md5"],
         model_family=str(lineage["model_family"]),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -15,7 +16,6 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
-import sklearn
 
 EXAMPLE_ROWS = 5
 
@@ -121,61 +121,61 @@ def validate(
             f"columns not in the model's contract: {', '.join(unknown)}",
             column=unknown[0],
         )
-    out = {}
-    for spec in features:
-        name = spec["name"]
+    # One matrix and whole-matrix checks: per-column pandas calls cost ~5 ms for a single
+    # row, half of a one-transaction request. Only a failing batch is checked column by
+    # column, to name the first broken column (in contract order) and its rows.
+    columns = []
+    for name in names:
         raw = frame[name]
-        values = (
-            pd.to_numeric(raw, errors="coerce")
-            if raw.dtype == object or not pd.api.types.is_numeric_dtype(raw)
-            else raw
-        )
-        array = np.asarray(values, dtype="float64")
-        nan = np.isnan(array)
-        if nan.any():
-            not_number = nan & raw.notna().to_numpy()
-            if not_number.any():
-                raise RequestError(
-                    400,
-                    "numeric",
-                    f"'{name}' must be a number",
-                    column=name,
-                    rows=_first_rows(not_number),
-                )
+        if raw.dtype == object or not pd.api.types.is_numeric_dtype(raw):
+            raw = pd.to_numeric(raw, errors="coerce")
+        columns.append(np.asarray(raw, dtype="float64"))
+    matrix = np.column_stack(columns)
+    low = np.asarray([_bound(f.get("valid_min"), -np.inf) for f in features])
+    high = np.asarray([_bound(f.get("valid_max"), np.inf) for f in features])
+    # NaN and +-inf fail these comparisons too; finite values inside the range pass.
+    good = (matrix >= low) & (matrix <= high) & np.isfinite(matrix)
+    if not good.all():
+        first = int(np.flatnonzero(~good.all(axis=0))[0])
+        _explain(frame[names[first]], matrix[:, first], features[first])
+    return pd.DataFrame(matrix, columns=names)
+
+
+def _bound(value: float | None, default: float) -> float:
+    return default if value is None else float(value)
+
+
+def _explain(raw: pd.Series, array: np.ndarray, spec: dict[str, Any]) -> None:
+    """Raise the RequestError for the first rule this column breaks."""
+    name = spec["name"]
+    nan = np.isnan(array)
+    if nan.any():
+        not_number = nan & raw.notna().to_numpy()
+        if not_number.any():
             raise RequestError(
-                400,
-                "missing-values",
-                f"'{name}' is empty or null",
-                column=name,
-                rows=_first_rows(nan),
-            )
-        if np.isinf(array).any():
-            raise RequestError(
-                400,
-                "finite",
-                f"'{name}' must be finite",
-                column=name,
-                rows=_first_rows(np.isinf(array)),
-            )
-        low, high = spec.get("valid_min"), spec.get("valid_max")
-        outside = np.zeros(len(array), bool)
-        if low is not None:
-            outside |= array < low
-        if high is not None:
-            outside |= array > high
-        if outside.any():
-            bounds = (
-                f"[{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
-            )
-            raise RequestError(
-                422,
-                "range",
-                f"'{name}' is outside the model's valid range {bounds}",
-                column=name,
-                rows=_first_rows(outside),
-            )
-        out[name] = array
-    return pd.DataFrame(out, columns=names)
+                400, "numeric", f"'{name}' must be a number", column=name,
+                rows=_first_rows(not_number),
+            )  # fmt: skip
+        raise RequestError(
+            400, "missing-values", f"'{name}' is empty or null", column=name,
+            rows=_first_rows(nan),
+        )  # fmt: skip
+    if np.isinf(array).any():
+        raise RequestError(
+            400, "finite", f"'{name}' must be finite", column=name,
+            rows=_first_rows(np.isinf(array)),
+        )  # fmt: skip
+    low, high = spec.get("valid_min"), spec.get("valid_max")
+    outside = np.zeros(len(array), bool)
+    if low is not None:
+        outside |= array < low
+    if high is not None:
+        outside |= array > high
+    bounds = f"[{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
+    raise RequestError(
+        422, "range", f"'{name}' is outside the model's valid range {bounds}", column=name,
+        rows=_first_rows(outside),
+    )  # fmt: skip
 
 
 def risk_band(probabilities: np.ndarray, bands: list[dict[str, Any]]) -> np.ndarray:
@@ -185,12 +185,13 @@ def risk_band(probabilities: np.ndarray, bands: list[dict[str, Any]]) -> np.ndar
 
 
 def score(
-    model: Any, features: pd.DataFrame, threshold: float, bands: list[dict[str, Any]]
+    probability_of: Callable[[pd.DataFrame], np.ndarray],
+    features: pd.DataFrame,
+    threshold: float,
+    bands: list[dict[str, Any]],
 ) -> pd.DataFrame:
-    # validate() has already checked every value is a finite number; skipping sklearn's
-    # own re-checks saves ~2 ms a call, a fifth of a single-row request's model time.
-    with sklearn.config_context(assume_finite=True, skip_parameter_validation=True):
-        probability = model.predict_proba(features)[:, 1]
+    """The score columns for validated features, from a runtime's probability function."""
+    probability = probability_of(features)
     return pd.DataFrame(
         {
             "fraud_probability": probability,

@@ -11,7 +11,6 @@ import hmac
 import json
 import logging
 import os
-import pickle
 import time
 import uuid
 from pathlib import Path
@@ -23,7 +22,9 @@ import pandas as pd
 from bentoml.validators import ContentType
 from drift import DriftWindow
 from pydantic import BaseModel
+from runtime import load_runtime
 from scoring import RequestError, read_upload, score, validate, write_table
+from settings import Settings
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -41,33 +42,17 @@ class BentoArgs(BaseModel):
 
 
 ARGS = bentoml.use_arguments(BentoArgs)
-MAX_ROWS = int(os.environ.get("FRAUD_MAX_ROWS", "300000"))
-MAX_JSON_ROWS = int(os.environ.get("FRAUD_MAX_JSON_ROWS", "20000"))
-MAX_BYTES = int(os.environ.get("FRAUD_MAX_BYTES", str(200 * 1024 * 1024)))
-UNKNOWN_COLUMNS = os.environ.get("FRAUD_UNKNOWN_COLUMNS", "ignore")  # or "reject"
-DRIFT_WINDOW = int(os.environ.get("FRAUD_DRIFT_WINDOW_ROWS", "20000"))
+SETTINGS = Settings.from_env()
 
 MODEL = bentoml.models.BentoModel(ARGS.model_tag)
 STORED_MODEL = MODEL.resolve()
 CONTRACT: dict[str, Any] = json.loads(Path(STORED_MODEL.path_of("contract.json")).read_text())
 LINEAGE = CONTRACT["lineage"]
-metrics.set_model_info(LINEAGE, str(STORED_MODEL.tag))
 metrics.REFERENCE_FLAGGED_RATIO.set(CONTRACT["reference"]["flagged_ratio"])
 
 
-def load_model(path: str) -> Any:
-    """The champion's file as the registry stores it (MLflow's pickle format). Pickle runs
-    code on load: the Bento carries only the file the package stage checked by md5."""
-    with open(path, "rb") as fh:
-        return pickle.load(fh)
-
-
-def _api_key() -> str | None:
-    return os.environ.get("FRAUD_API_KEY") or None
-
-
 def _authorized(headers: dict[bytes, bytes]) -> bool:
-    key = _api_key()
+    key = SETTINGS.api_key
     if key is None:
         return True
     sent = headers.get(b"authorization", b"").decode("latin-1")
@@ -77,13 +62,18 @@ def _authorized(headers: dict[bytes, bytes]) -> bool:
 
 def _contract_view() -> dict[str, Any]:
     limits = {
-        "max_rows_per_request": MAX_ROWS,
-        "max_json_rows_per_request": MAX_JSON_ROWS,
-        "max_payload_bytes": MAX_BYTES,
-        "unknown_columns": UNKNOWN_COLUMNS,
+        "max_rows_per_request": SETTINGS.max_rows,
+        "max_json_rows_per_request": SETTINGS.max_json_rows,
+        "max_payload_bytes": SETTINGS.max_bytes,
+        "unknown_columns": SETTINGS.unknown_columns,
     }
     public = {k: v for k, v in CONTRACT.items() if k != "reference"}
-    return {**public, "model_tag": str(STORED_MODEL.tag), "limits": limits}
+    runtime = {**CONTRACT.get("runtime", {}), "serving": RUNTIME_IN_USE["name"]}
+    return {**public, "runtime": runtime, "model_tag": str(STORED_MODEL.tag), "limits": limits}
+
+
+# Which runtime this process scores with (set when the service starts).
+RUNTIME_IN_USE: dict[str, str] = {"name": "not started"}
 
 
 async def _schema(request: Request) -> Response:
@@ -173,10 +163,15 @@ class FraudScoring:
     model_ref = MODEL
 
     def __init__(self) -> None:
-        self.model = load_model(self.model_ref.path_of("model.pkl"))
+        self.runtime = load_runtime(
+            SETTINGS.runtime, CONTRACT, self.model_ref.path_of, SETTINGS.threads
+        )
+        RUNTIME_IN_USE["name"] = self.runtime.name
+        metrics.set_model_info(LINEAGE, str(STORED_MODEL.tag), self.runtime.name)
+        log.info("scoring with the %s runtime", self.runtime.name)
         self.threshold = float(CONTRACT["threshold"])
         self.bands = CONTRACT["risk_bands"]
-        self.drift = DriftWindow(CONTRACT["reference"], DRIFT_WINDOW)
+        self.drift = DriftWindow(CONTRACT["reference"], SETTINGS.drift_window_rows)
 
     def _reject(self, ctx: bentoml.Context, exc: RequestError, request_id: str) -> Response:
         metrics.VALIDATION_FAILURES.labels(reason=exc.body["rule"]).inc()
@@ -194,9 +189,9 @@ class FraudScoring:
         return float(threshold)
 
     def _score(self, frame: pd.DataFrame, threshold: float, max_rows: int) -> pd.DataFrame:
-        features = validate(frame, CONTRACT, UNKNOWN_COLUMNS, max_rows=max_rows)
+        features = validate(frame, CONTRACT, SETTINGS.unknown_columns, max_rows=max_rows)
         start = time.perf_counter()
-        scored = score(self.model, features, threshold, self.bands)
+        scored = score(self.runtime.probability, features, threshold, self.bands)
         seconds = time.perf_counter() - start
         probabilities = scored["fraud_probability"].to_numpy()
         psi = self.drift.add(probabilities, features)
@@ -232,14 +227,15 @@ class FraudScoring:
         request_id = uuid.uuid4().hex[:12]
         try:
             cut = self._check_threshold(threshold)
-            if len(transactions) > MAX_JSON_ROWS:
+            if len(transactions) > SETTINGS.max_json_rows:
                 raise RequestError(
                     413,
                     "max-rows",
                     f"the batch has {len(transactions)} rows; "
-                    f"the JSON limit is {MAX_JSON_ROWS} (use /predict_file)",
+                    f"the JSON limit is {SETTINGS.max_json_rows} (use /predict_file)",
                 )
-            scored = self._score(pd.DataFrame.from_records(transactions), cut, MAX_JSON_ROWS)
+            frame = pd.DataFrame.from_records(transactions)
+            scored = self._score(frame, cut, SETTINGS.max_json_rows)
         except RequestError as exc:
             return self._reject(ctx, exc, request_id)
         log.info("request %s scored %d rows", request_id, len(scored))
@@ -260,12 +256,14 @@ class FraudScoring:
             if output_format not in ("csv", "parquet"):
                 raise RequestError(400, "output-format", "output_format must be csv or parquet")
             size = os.path.getsize(file)
-            if size > MAX_BYTES:
+            if size > SETTINGS.max_bytes:
                 raise RequestError(
-                    413, "max-bytes", f"the file has {size} bytes; the limit is {MAX_BYTES}"
+                    413,
+                    "max-bytes",
+                    f"the file has {size} bytes; the limit is {SETTINGS.max_bytes}",
                 )
             frame = read_upload(Path(file).read_bytes(), getattr(file, "name", None))
-            scored = self._score(frame, cut, MAX_ROWS)
+            scored = self._score(frame, cut, SETTINGS.max_rows)
         except RequestError as exc:
             return self._reject(ctx, exc, request_id)
         result = pd.concat([frame.reset_index(drop=True), scored], axis=1)
@@ -282,4 +280,4 @@ class FraudScoring:
         return Response(payload, media_type=media, headers=headers)
 
 
-FraudScoring.add_asgi_middleware(RequestGuard, max_bytes=MAX_BYTES)
+FraudScoring.add_asgi_middleware(RequestGuard, max_bytes=SETTINGS.max_bytes)

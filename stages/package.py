@@ -19,6 +19,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from stages.lib.compiled import INPUT, OUTPUT, NotCompilable, compile_model, verify
 from stages.lib.contract import build_contract
 from stages.lib.modeling import fraud_probability, load_model
 from stages.lib.project import (
@@ -70,6 +71,37 @@ def pin_creation_times(bento_dir: Path) -> None:
         meta.write_text(yaml.safe_dump(_pin(yaml.safe_load(meta.read_text())), sort_keys=False))
 
 
+class CompiledMismatch(RuntimeError):
+    """The compiled model does not score like scikit-learn: refuse to ship it."""
+
+
+def compiled_runtime(
+    model: Any, rows: pd.DataFrame, threshold: float, tolerance: float
+) -> tuple[bytes | None, dict[str, Any]]:
+    """The model compiled to ONNX and checked on `rows` (validation + test), or None with
+    the reason when this model has no compiled form (then scikit-learn serves it)."""
+    try:
+        compiled = compile_model(model).SerializeToString()
+    except NotCompilable as exc:
+        log.warning("no compiled runtime for this model (%s): serving uses scikit-learn", exc)
+        return None, {"default": "sklearn", "onnx": None, "reason": str(exc)}
+    check = verify(model, compiled, rows, threshold, tolerance)
+    log.info(
+        "compiled model vs scikit-learn on %d rows: max |difference| %.3g, %d decisions flip",
+        check["rows_checked"],
+        check["max_abs_difference"],
+        check["flipped_decisions"],
+    )
+    if not check["ok"]:
+        raise CompiledMismatch(
+            f"the compiled model differs from scikit-learn on {check['rows_checked']} rows: "
+            f"max |difference| {check['max_abs_difference']:.3g} (tolerance "
+            f"{tolerance:g}), {check['flipped_decisions']} decisions flip at the threshold"
+        )
+    spec = {"file": "model.onnx", "input": INPUT, "output": OUTPUT, **check}
+    return compiled, {"default": "onnx", "onnx": spec}
+
+
 def main() -> None:
     paths = stage_paths(__doc__, "champion", "split", "serving", "out")
     setup_logging()
@@ -90,10 +122,17 @@ def main() -> None:
         # is refitted on train + valid); evaluate has already used it, nothing learns from it.
         test = pd.read_parquet(paths.split / "test.parquet")
         contract = build_contract(train, test, fraud_probability(model, test), champion, cfg)
+        valid = pd.read_parquet(paths.split / "valid.parquet")
+        compiled, contract["runtime"] = compiled_runtime(
+            model,
+            pd.concat([valid, test], ignore_index=True),
+            float(contract["threshold"]),
+            float(cfg["compiled_tolerance"]),
+        )
         contract_bytes = json.dumps(contract, indent=2).encode()
 
-        model_tag = (
-            f"{cfg['model_name']}:{content_version(model_file.read_bytes(), contract_bytes)}"
+        model_tag = f"{cfg['model_name']}:" + content_version(
+            model_file.read_bytes(), contract_bytes, compiled or b""
         )
         try:
             stored = bentoml.models.get(model_tag)
@@ -105,6 +144,8 @@ def main() -> None:
             ) as stored:
                 shutil.copyfile(model_file, stored.path_of("model.pkl"))
                 Path(stored.path_of("contract.json")).write_bytes(contract_bytes)
+                if compiled is not None:
+                    Path(stored.path_of("model.onnx")).write_bytes(compiled)
         log.info("champion %s (md5 %s) stored as %s", name, md5, stored.tag)
 
         serving = (workspace_root() / paths.serving).resolve()
@@ -131,7 +172,21 @@ def main() -> None:
         pin_creation_times(staging)
         shutil.rmtree(out, ignore_errors=True)
         staging.rename(out)
-        tag_version(name, md5, {"bento_tag": str(bento.tag), "bento_model_tag": str(stored.tag)})
+        check = contract["runtime"]["onnx"] or {}
+        tag_version(
+            name,
+            md5,
+            {
+                "bento_tag": str(bento.tag),
+                "bento_model_tag": str(stored.tag),
+                "runtime": contract["runtime"]["default"],
+            },
+            {
+                f"compiled_{k}": float(check[k])
+                for k in ("max_abs_difference", "flipped_decisions", "rows_checked")
+                if k in check
+            },
+        )
 
 
 if __name__ == "__main__":

@@ -143,7 +143,8 @@ def cross_fitted(
     their calibrated probabilities (for choosing the threshold without touching test).
 
     `auto` is Platt scaling on log-odds: on the decision_function where the model has
-    one (HGB, logreg), else on logit(predict_proba) (LightGBM, ExtraTrees, averages).
+    one (HGB, logreg, LightGBM: its raw margin), else on logit(predict_proba) (forests,
+    averages).
     Platt on a probability in [0, 1] instead puts a floor under every probability
     (measured: three quarters of the rows at 0.00034 for a LightGBM + HGB average);
     isotonic fixes that but ties scores into steps, which cost test AP (0.813 -> 0.798

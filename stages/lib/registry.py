@@ -135,8 +135,13 @@ def download_model(name: str, alias: str, expected_md5: str) -> Path:
     return local
 
 
-def tag_version(name: str, md5: str, tags: dict[str, str]) -> None:
+def tag_version(
+    name: str, md5: str, tags: dict[str, str], metrics: dict[str, float] | None = None
+) -> None:
+    """Tag the registered version of this model file; log `metrics` to its run."""
     client = MlflowClient()
     for version in client.search_model_versions(f"name = '{name}' and tags.model_md5 = '{md5}'"):
         for key, value in tags.items():
             client.set_model_version_tag(name, version.version, key, value)
+        for key, value in (metrics or {}).items():
+            client.log_metric(version.run_id, key, value)

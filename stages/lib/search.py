@@ -104,6 +104,14 @@ def search_sample(frame: pd.DataFrame, negative_fraction: float, seed: int) -> p
     return frame.loc[keep].reset_index(drop=True)
 
 
+def population_weights(labels: np.ndarray, negative_fraction: float) -> np.ndarray:
+    """Weights that undo the negative sampling when scoring: each kept legitimate row
+    stands for 1 / negative_fraction of them. Average precision depends on the fraud rate,
+    and unweighted it ranked configs on a sample with 7x the real rate (measured on the
+    real first day, stratified: ExtraTrees first by CV, 0.07 test AP behind HGB)."""
+    return np.where(labels == 1, 1.0, 1.0 / min(1.0, negative_fraction))
+
+
 def run_search(
     train: pd.DataFrame,
     cfg: dict[str, Any],
@@ -119,6 +127,11 @@ def run_search(
         raise ValueError(f"train.search.families has unknown families {unknown}")
     sample = search_sample(train, float(cfg["negative_fraction"]), seed)
     labels = sample[TARGET].to_numpy()
+    weights = population_weights(labels, float(cfg["negative_fraction"]))
+
+    def weighted_ap(rows: np.ndarray, scores: np.ndarray) -> float:
+        return float(average_precision_score(labels[rows], scores, sample_weight=weights[rows]))
+
     splitter = folds(int(cfg["folds"]), time_ordered, seed)
     log.info(
         "searching %s: %d trials (cap %s s) on %d rows (%d frauds), %d %s folds",
@@ -143,7 +156,7 @@ def run_search(
                 lambda: build_estimator(family, params, seed), sample, labels, splitter
             )
         ]
-        per_fold = [average_precision_score(labels[rows], scores) for rows, scores in parts]
+        per_fold = [weighted_ap(rows, scores) for rows, scores in parts]
         fold_predictions[trial.number] = parts
         record = {
             "trial": trial.number,
@@ -190,9 +203,7 @@ def run_search(
     if cfg["average_top_two"] and len(ranked) > 1:
         second = ranked[1]
         averaged = [
-            average_precision_score(
-                labels[rows], (scores + fold_predictions[second["trial"]][i][1]) / 2
-            )
+            weighted_ap(rows, (scores + fold_predictions[second["trial"]][i][1]) / 2)
             for i, (rows, scores) in enumerate(fold_predictions[top["trial"]])
         ]
         log.info(

@@ -1,0 +1,41 @@
+"""The service's settings: every FRAUD_* environment variable, read once, in one place."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+RUNTIMES = ("auto", "onnx", "sklearn")
+
+
+@dataclass(frozen=True)
+class Settings:
+    max_rows: int = 300_000  # per file
+    max_json_rows: int = 20_000  # per JSON request
+    max_bytes: int = 200 * 1024 * 1024  # per request body
+    unknown_columns: str = "ignore"  # or "reject"
+    drift_window_rows: int = 20_000
+    api_key: str | None = None  # when set, scoring needs "Authorization: Bearer <key>"
+    # auto: the compiled ONNX model when package verified one, else scikit-learn
+    runtime: str = "auto"
+    threads: int = 2  # for big batches; small ones run on one thread
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
+        def number(name: str, default: int) -> int:
+            return int(env.get(name, str(default)))
+
+        runtime = env.get("FRAUD_RUNTIME", cls.runtime).lower()
+        if runtime not in RUNTIMES:
+            raise ValueError(f"FRAUD_RUNTIME must be one of {RUNTIMES}, got {runtime!r}")
+        return cls(
+            max_rows=number("FRAUD_MAX_ROWS", cls.max_rows),
+            max_json_rows=number("FRAUD_MAX_JSON_ROWS", cls.max_json_rows),
+            max_bytes=number("FRAUD_MAX_BYTES", cls.max_bytes),
+            unknown_columns=env.get("FRAUD_UNKNOWN_COLUMNS", cls.unknown_columns),
+            drift_window_rows=number("FRAUD_DRIFT_WINDOW_ROWS", cls.drift_window_rows),
+            api_key=env.get("FRAUD_API_KEY") or None,
+            runtime=runtime,
+            threads=max(1, number("FRAUD_THREADS", os.cpu_count() or 1)),
+        )
