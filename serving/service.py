@@ -11,6 +11,7 @@ import hmac
 import json
 import logging
 import os
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -23,7 +24,7 @@ from bentoml.validators import ContentType
 from drift import DriftWindow
 from pydantic import BaseModel
 from runtime import load_runtime
-from scoring import RequestError, read_upload, score, validate, write_table
+from scoring import RequestError, read_upload, score, validate, validate_records, write_table
 from settings import Settings
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -71,6 +72,10 @@ def _contract_view() -> dict[str, Any]:
     runtime = {**CONTRACT.get("runtime", {}), "serving": RUNTIME_IN_USE["name"]}
     return {**public, "runtime": runtime, "model_tag": str(STORED_MODEL.tag), "limits": limits}
 
+
+# Files parsed and scored at once per worker: bounds memory (~0.5 GB per 100k rows in
+# flight) and leaves CPU for single transactions.
+FILE_SLOTS = threading.BoundedSemaphore(2)
 
 # Which runtime this process scores with (set when the service starts).
 RUNTIME_IN_USE: dict[str, str] = {"name": "not started"}
@@ -128,10 +133,14 @@ class RequestGuard:
 @bentoml.asgi_app(schema_app, path="/schema")
 @bentoml.service(
     name="fraud_scoring",
-    # Measured (bench/results/serving.md): a 100k-row CSV takes ~2 s alone and ~14 s
-    # when eight arrive together on these 2 cores; 120 s covers a 300k-row file behind a
-    # queue. Eight in flight keep both cores busy and bound memory (~0.5 GB per 100k rows).
-    traffic={"timeout": 120, "max_concurrency": 8},
+    # One worker process per core: a request's Python work holds its worker's GIL, so one
+    # worker tops out near BentoML's own floor (~450 one-row requests/s measured).
+    workers="cpu_count",
+    # Per worker. Single rows are cheap (~1 ms of model and validation), so many may be in
+    # flight; files are bounded separately (FILE_SLOTS). Measured (bench/results/
+    # serving.md): a 100k-row CSV takes ~2.5 s alone; 120 s covers a 300k-row file
+    # behind a queue.
+    traffic={"timeout": 120, "max_concurrency": 64},
     http={"host": "127.0.0.1", "port": 3000},
     # Prometheus' default buckets stop at 10 s; big batches run past that. Floats only:
     # BentoML's config schema rejects ints here.
@@ -188,8 +197,8 @@ class FraudScoring:
             )
         return float(threshold)
 
-    def _score(self, frame: pd.DataFrame, threshold: float, max_rows: int) -> pd.DataFrame:
-        features = validate(frame, CONTRACT, SETTINGS.unknown_columns, max_rows=max_rows)
+    def _score(self, features: pd.DataFrame, threshold: float) -> pd.DataFrame:
+        """Score validated features; update the metrics and the drift window."""
         start = time.perf_counter()
         scored = score(self.runtime.probability, features, threshold, self.bands)
         seconds = time.perf_counter() - start
@@ -234,12 +243,19 @@ class FraudScoring:
                     f"the batch has {len(transactions)} rows; "
                     f"the JSON limit is {SETTINGS.max_json_rows} (use /predict_file)",
                 )
-            frame = pd.DataFrame.from_records(transactions)
-            scored = self._score(frame, cut, SETTINGS.max_json_rows)
+            features = validate_records(
+                transactions, CONTRACT, SETTINGS.unknown_columns, SETTINGS.max_json_rows
+            )
+            scored = self._score(features, cut)
         except RequestError as exc:
             return self._reject(ctx, exc, request_id)
         log.info("request %s scored %d rows", request_id, len(scored))
-        return {"predictions": scored.to_dict(orient="records"), **self._meta(cut, request_id)}
+        names = ("fraud_probability", "is_fraud", "risk_band")
+        predictions = [
+            dict(zip(names, row, strict=True))
+            for row in zip(*(scored[c].tolist() for c in names), strict=True)
+        ]
+        return {"predictions": predictions, **self._meta(cut, request_id)}
 
     @bentoml.api(route="/predict_file")
     def predict_file(
@@ -262,8 +278,12 @@ class FraudScoring:
                     "max-bytes",
                     f"the file has {size} bytes; the limit is {SETTINGS.max_bytes}",
                 )
-            frame = read_upload(Path(file).read_bytes(), getattr(file, "name", None))
-            scored = self._score(frame, cut, SETTINGS.max_rows)
+            # Big files queue here (FILE_SLOTS per worker) instead of filling the worker's
+            # memory and CPU, so single transactions are not stuck behind them.
+            with FILE_SLOTS:
+                frame = read_upload(Path(file).read_bytes(), getattr(file, "name", None))
+                features = validate(frame, CONTRACT, SETTINGS.unknown_columns, SETTINGS.max_rows)
+                scored = self._score(features, cut)
         except RequestError as exc:
             return self._reject(ctx, exc, request_id)
         result = pd.concat([frame.reset_index(drop=True), scored], axis=1)
