@@ -74,8 +74,7 @@ lint: setup
 
 bench: setup
 	$(BIN)/python bench/pipeline.py
-	@test -f "$(BENTO_DIR)/bento.yaml" || $(MAKE) pipeline
-	$(BIN)/python bench/serving.py
+	$(MAKE) bench-serving
 
 # Serving only: in-process runtimes, single rows vs BentoML's floor, batches, a CPU hog.
 bench-serving: setup
