@@ -48,6 +48,7 @@ def guarded(built, tmp_path_factory) -> Iterator[str]:
         "FRAUD_MAX_JSON_ROWS": "100",
         "FRAUD_MAX_ROWS": "1000",
         "FRAUD_MAX_BYTES": "1000000",
+        "FRAUD_RUNTIME": "sklearn",  # the fallback runtime, served for real
     }
     process, url = start_bento(bento_dir(ws), env, tmp_path_factory.mktemp("logs") / "guarded.log")
     yield url
@@ -333,6 +334,30 @@ def test_schema_and_probes(server, built) -> None:
     assert schema["limits"]["max_json_rows_per_request"] == 20_000
     for probe in ("/readyz", "/livez", "/healthz", "/docs.json"):
         assert requests.get(f"{server}{probe}", timeout=10).status_code == 200, probe
+
+
+def test_compiled_runtime_by_default_sklearn_on_request(server, guarded, test_rows) -> None:
+    """The Bento serves its verified ONNX model; FRAUD_RUNTIME=sklearn serves the pickled
+    model instead; both give the same probabilities."""
+    compiled = requests.get(f"{server}/schema/", timeout=10).json()["runtime"]
+    assert compiled["serving"] == "onnx" and compiled["default"] == "onnx"
+    check = compiled["onnx"]
+    assert check["ok"] and check["flipped_decisions"] == 0 and check["rows_checked"] > 0
+    assert check["max_abs_difference"] <= check["tolerance"]
+    assert 'runtime="onnx"' in requests.get(f"{server}/metrics", timeout=10).text
+    fallback = requests.get(f"{guarded}/schema/", timeout=10).json()["runtime"]
+    assert fallback["serving"] == "sklearn"
+    assert 'runtime="sklearn"' in requests.get(f"{guarded}/metrics", timeout=10).text
+    rows = {"transactions": _records(test_rows.head(80))}
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    answers = [
+        requests.post(f"{url}/predict", json=rows, headers=auth, timeout=30).json()
+        for url in (server, guarded)
+    ]
+    onnx_p, sklearn_p = (
+        np.array([p["fraud_probability"] for p in a["predictions"]]) for a in answers
+    )
+    np.testing.assert_allclose(onnx_p, sklearn_p, rtol=0, atol=1e-12)
 
 
 def test_served_model_matches_registry_and_dvc_lock(server, built) -> None:
