@@ -39,6 +39,13 @@ class RequestError(ValueError):
         if rows:
             self.body["rows"] = rows
 
+    @classmethod
+    def from_body(cls, status: int, body: dict[str, Any]) -> RequestError:
+        """Rebuild an error another process raised (it travels as plain data)."""
+        error = cls(status, body["rule"], body["error"])
+        error.body = dict(body)
+        return error
+
 
 def _first_rows(mask: np.ndarray) -> list[int]:
     """0-based positions of the first offending rows, as the client sent them."""

@@ -7,13 +7,14 @@ arguments (`model_tag`); nothing here imports the training code.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
 import os
-import threading
 import time
 import uuid
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -22,13 +23,15 @@ import numpy as np
 import pandas as pd
 from bentoml.validators import ContentType
 from drift import DriftWindow
+from file_lane import FileLane, score_file_with
 from pydantic import BaseModel
 from runtime import load_runtime
-from scoring import RequestError, read_upload, score, validate, validate_records, write_table
+from scoring import RequestError, score, validate_records
 from settings import Settings
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
 import metrics
@@ -72,10 +75,6 @@ def _contract_view() -> dict[str, Any]:
     runtime = {**CONTRACT.get("runtime", {}), "serving": RUNTIME_IN_USE["name"]}
     return {**public, "runtime": runtime, "model_tag": str(STORED_MODEL.tag), "limits": limits}
 
-
-# Files parsed and scored at once per worker: bounds memory (~0.5 GB per 100k rows in
-# flight) and leaves CPU for single transactions.
-FILE_SLOTS = threading.BoundedSemaphore(2)
 
 # Which runtime this process scores with (set when the service starts).
 RUNTIME_IN_USE: dict[str, str] = {"name": "not started"}
@@ -136,11 +135,12 @@ class RequestGuard:
     # One worker process per core: a request's Python work holds its worker's GIL, so one
     # worker tops out near BentoML's own floor (~450 one-row requests/s measured).
     workers="cpu_count",
-    # Per worker. Single rows are cheap (~1 ms of model and validation), so many may be in
-    # flight; files are bounded separately (FILE_SLOTS). Measured (bench/results/
-    # serving.md): a 100k-row CSV takes ~2.5 s alone; 120 s covers a 300k-row file
-    # behind a queue.
-    traffic={"timeout": 120, "max_concurrency": 64},
+    # For the service; BentoML gives each worker its share (128 of 256 on 2 cores). Single
+    # rows are cheap (~1 ms of model and validation), so many may be in flight: with 64
+    # per service, 32 one-row clients beside two file uploads got 429s. Big files queue
+    # in each worker's file lane (file_lane.py). Measured (bench/results/serving.md): a
+    # 100k-row CSV takes ~2.5 s alone; 120 s covers a 300k-row file behind a queue.
+    traffic={"timeout": 120, "max_concurrency": 256},
     http={"host": "127.0.0.1", "port": 3000},
     # Prometheus' default buckets stop at 10 s; big batches run past that. Floats only:
     # BentoML's config schema rejects ints here.
@@ -181,6 +181,10 @@ class FraudScoring:
         self.threshold = float(CONTRACT["threshold"])
         self.bands = CONTRACT["risk_bands"]
         self.drift = DriftWindow(CONTRACT["reference"], SETTINGS.drift_window_rows)
+        compiled = CONTRACT.get("runtime", {}).get("onnx")
+        names = ["model.pkl"] + ([compiled["file"]] if compiled else [])
+        files = {name: self.model_ref.path_of(name) for name in names}
+        self.lane = FileLane(CONTRACT, files, SETTINGS)
 
     def _reject(self, ctx: bentoml.Context, exc: RequestError, request_id: str) -> Response:
         metrics.VALIDATION_FAILURES.labels(reason=exc.body["rule"]).inc()
@@ -203,16 +207,15 @@ class FraudScoring:
         scored = score(self.runtime.probability, features, threshold, self.bands)
         seconds = time.perf_counter() - start
         probabilities = scored["fraud_probability"].to_numpy()
+        self._observe(probabilities, features, int(scored["is_fraud"].sum()), seconds)
+        return scored
+
+    def _observe(self, probabilities: np.ndarray, features: Any, flagged: int,
+                 seconds: float) -> None:  # fmt: skip
         psi = self.drift.add(probabilities, features)
         metrics.observe_batch(
-            len(features),
-            seconds,
-            probabilities,
-            int(scored["is_fraud"].sum()),
-            psi,
-            self.drift.rows,
+            len(probabilities), seconds, probabilities, flagged, psi, self.drift.rows
         )
-        return scored
 
     def _meta(self, threshold: float, request_id: str) -> dict[str, Any]:
         return {
@@ -260,7 +263,7 @@ class FraudScoring:
         return JSONResponse({"predictions": predictions, **self._meta(cut, request_id)})
 
     @bentoml.api(route="/predict_file")
-    def predict_file(
+    async def predict_file(
         self,
         file: Path,
         ctx: bentoml.Context,
@@ -269,6 +272,7 @@ class FraudScoring:
     ) -> Annotated[Path, ContentType("text/csv")]:
         """Score an uploaded CSV or Parquet file; return it with the score columns added."""
         request_id = uuid.uuid4().hex[:12]
+        out = self.lane.scratch / f"{request_id}.out"
         try:
             cut = self._check_threshold(threshold)
             if output_format not in ("csv", "parquet"):
@@ -280,26 +284,61 @@ class FraudScoring:
                     "max-bytes",
                     f"the file has {size} bytes; the limit is {SETTINGS.max_bytes}",
                 )
-            # Big files queue here (FILE_SLOTS per worker) instead of filling the worker's
-            # memory and CPU, so single transactions are not stuck behind them.
-            with FILE_SLOTS:
-                frame = read_upload(Path(file).read_bytes(), getattr(file, "name", None))
-                features = validate(frame, CONTRACT, SETTINGS.unknown_columns, SETTINGS.max_rows)
-                scored = self._score(features, cut)
+            job = (str(file), getattr(file, "name", None), output_format, cut, str(out))
+            if size < SETTINGS.lane_min_bytes:
+                # A small file costs less here than the trip to the lane.
+                outcome = await asyncio.to_thread(
+                    score_file_with, CONTRACT, SETTINGS, self.runtime, *job
+                )
+            else:
+                outcome = await self._in_lane(ctx, job)
+            if "error" in outcome:
+                raise RequestError.from_body(outcome["error"], outcome["body"])
         except RequestError as exc:
+            out.unlink(missing_ok=True)
             return self._reject(ctx, exc, request_id)
-        result = pd.concat([frame.reset_index(drop=True), scored], axis=1)
-        payload, media = write_table(result, output_format)
-        log.info("request %s scored a %d-row file", request_id, len(result))
+        self._observe(
+            outcome["probabilities"], outcome["features"], outcome["flagged"], outcome["seconds"]
+        )
+        log.info("request %s scored a %d-row file", request_id, outcome["rows"])
         ctx.response.status_code = 200
         headers = {
             "X-Request-Id": request_id,
             "X-Model-Tag": str(STORED_MODEL.tag),
             "X-Threshold": repr(cut),
-            "X-Rows": str(len(result)),
-            "X-Flagged": str(int(np.sum(scored["is_fraud"]))),
+            "X-Rows": str(outcome["rows"]),
+            "X-Flagged": str(outcome["flagged"]),
         }
-        return Response(payload, media_type=media, headers=headers)
+        return FileResponse(
+            out,
+            media_type=outcome["media"],
+            headers=headers,
+            background=BackgroundTask(out.unlink, missing_ok=True),
+        )
+
+    async def _in_lane(self, ctx: bentoml.Context, job: tuple) -> dict[str, Any]:
+        """Run a file job in the lane; drop it while queued if its client has gone."""
+        future = self.lane.submit(*job)
+        waiting = asyncio.wrap_future(future)
+        while True:
+            done, _ = await asyncio.wait({waiting}, timeout=0.5)
+            if done:
+                break
+            if future.running():
+                continue
+            if await ctx.request.is_disconnected():
+                future.cancel()
+                raise RequestError(499, "client-gone", "the client disconnected")
+        try:
+            return waiting.result()
+        except BrokenProcessPool:
+            raise RequestError(
+                503, "file-lane", "the file scorer restarted; send the file again"
+            ) from None
+
+    @bentoml.on_shutdown
+    def _close_lane(self) -> None:
+        self.lane.close()
 
 
 FraudScoring.add_asgi_middleware(RequestGuard, max_bytes=SETTINGS.max_bytes)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import io
 import json
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import psutil
 import pytest
 import requests
 
@@ -147,6 +149,55 @@ def test_parquet_upload_and_output(server, test_rows, model) -> None:
     scored = pd.read_parquet(io.BytesIO(response.content))
     expected = model.predict_proba(test_rows.drop(columns="Class"))[:, 1]
     np.testing.assert_allclose(scored["fraud_probability"], expected, rtol=1e-12)
+
+
+def _lane_processes(url: str) -> list[psutil.Process]:
+    """The file-lane children of the server on `url` (spawned, at a lower CPU priority)."""
+    port = int(url.rsplit(":", 1)[1])
+    owner = next(
+        psutil.Process(c.pid)
+        for c in psutil.net_connections("tcp")
+        if c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN and c.pid
+    )
+    while (parent := owner.parent()) and "bentoml" in " ".join(parent.cmdline()):
+        owner = parent  # up to `bentoml serve`: the listening socket is shared by all
+    return [p for p in owner.children(recursive=True) if p.nice() == 10]
+
+
+def test_big_files_are_scored_in_the_file_lane(server, built, model) -> None:
+    """A file over FRAUD_LANE_MIN_BYTES is parsed and scored by the worker's child process
+    (single transactions are not stuck behind it): same answers, same errors, same
+    metrics, and no output left behind in the scratch folder."""
+    ws, _ = built
+    rows = pd.read_parquet(ws / "data/split/test.parquet").head(8000).drop(columns="Class")
+    body = rows.to_csv(index=False).encode()
+    assert len(body) > 1024 * 1024  # over the default lane size
+    before = _metric(server, "fraud_rows_scored_total")
+    response = requests.post(
+        f"{server}/predict_file", timeout=120, files={"file": ("big.csv", body, "text/csv")}
+    )
+    assert response.status_code == 200, response.text
+    scored = pd.read_csv(io.StringIO(response.text))
+    np.testing.assert_allclose(
+        scored["fraud_probability"], model.predict_proba(rows)[:, 1], rtol=1e-9
+    )
+    assert int(response.headers["X-Rows"]) == len(rows) == len(scored)
+    assert _metric(server, "fraud_rows_scored_total") - before == len(rows)
+    assert _lane_processes(server), "no file-lane child process under the server"
+
+    broken = rows.copy()
+    broken.loc[broken.index[[7, 4000]], "Amount"] = -5.0
+    refused = requests.post(
+        f"{server}/predict_file",
+        timeout=120,
+        files={"file": ("big.csv", broken.to_csv(index=False).encode(), "text/csv")},
+    )
+    assert refused.status_code == 422, refused.text
+    assert {k: refused.json()[k] for k in ("rule", "column", "rows")} == {
+        "rule": "range", "column": "Amount", "rows": [7, 4000],
+    }  # fmt: skip
+    scratch = Path(tempfile.gettempdir()) / "fraud_scoring"
+    assert not [f for d in scratch.iterdir() for f in d.glob("*.out")]
 
 
 @pytest.mark.parametrize(
