@@ -48,7 +48,7 @@ CASE_SECONDS = 10.0  # each case stops issuing requests after this
 NOOP_SERVICE = """
 import bentoml
 
-@bentoml.service(name="noop", workers="cpu_count", traffic={"timeout": 120, "max_concurrency": 256})
+@bentoml.service(name="noop", workers="cpu_count", traffic={"timeout": 120})
 class Noop:
     @bentoml.api(route="/predict")
     def predict(self, transactions: list[dict]) -> dict:

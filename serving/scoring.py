@@ -14,10 +14,18 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 EXAMPLE_ROWS = 5
+MAX_COLUMNS = 256  # per uploaded file
+# A Parquet file's decompressed size (from its footer, before anything is decompressed):
+# a 23 KiB file whose string column inflates to 480 MiB was accepted before this.
+MAX_DECOMPRESSED_BYTES = 256 * 1024 * 1024  # 300k rows of the contract are ~75 MB
+OUTPUT_COLUMNS = ("fraud_probability", "is_fraud", "risk_band")
+# Cells starting with these make spreadsheets run a formula (OWASP, CSV injection).
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 
 class RequestError(ValueError):
@@ -59,11 +67,19 @@ def read_upload(data: bytes, filename: str | None) -> pd.DataFrame:
     is_parquet = data[:4] == b"PAR1" or (filename or "").lower().endswith((".parquet", ".pq"))
     if is_parquet:
         try:
-            return pq.read_table(io.BytesIO(data)).to_pandas()
+            parquet = pq.ParquetFile(io.BytesIO(data))
+            _check_parquet(parquet.metadata)
+            table = parquet.read()
         except (pa.ArrowException, OSError):
             raise RequestError(400, "parse", "could not read the Parquet file") from None
+        _check_columns(table.schema)
+        return table.to_pandas()
     if b"\x00" in data[:4096]:
         raise RequestError(415, "file-type", "the file is neither CSV nor Parquet")
+    try:  # Arrow checks cells are UTF-8, but keeps a broken header name as it is
+        data[: data.find(b"\n")].decode("utf-8")
+    except UnicodeDecodeError:
+        raise RequestError(400, "encoding", "the CSV header is not UTF-8 text") from None
     broken = False
 
     def note_broken_row(row: pa_csv.InvalidRow) -> str:
@@ -82,7 +98,46 @@ def read_upload(data: bytes, filename: str | None) -> pd.DataFrame:
         raise RequestError(
             400, "csv-row", "rows have the wrong number of fields", rows=_ragged_rows(data)
         )
+    _check_columns(table.schema)
+    for field in table.schema:  # Arrow reads text that is not UTF-8 as bytes
+        if pa.types.is_binary(field.type) or pa.types.is_large_binary(field.type):
+            raise RequestError(400, "encoding", f"the column '{field.name}' is not UTF-8 text",
+                               column=field.name)  # fmt: skip
     return table.to_pandas()
+
+
+def _check_parquet(metadata: pq.FileMetaData) -> None:
+    if metadata.num_columns > MAX_COLUMNS:
+        raise RequestError(400, "max-columns", f"the file has {metadata.num_columns} columns; "
+                           f"the limit is {MAX_COLUMNS}")  # fmt: skip
+    inflated = sum(metadata.row_group(i).total_byte_size for i in range(metadata.num_row_groups))
+    if inflated > MAX_DECOMPRESSED_BYTES:
+        raise RequestError(413, "max-decompressed-bytes", f"the file decompresses to {inflated} "
+                           f"bytes; the limit is {MAX_DECOMPRESSED_BYTES}")  # fmt: skip
+
+
+def _check_columns(schema: pa.Schema) -> None:
+    """Column names and types any upload must have, whatever the contract says: unique
+    names, none that the scored output adds, no nested values (they cannot be written
+    back as CSV), and at most MAX_COLUMNS."""
+    names = schema.names
+    if len(names) > MAX_COLUMNS:
+        raise RequestError(400, "max-columns", f"the file has {len(names)} columns; the limit "
+                           f"is {MAX_COLUMNS}")  # fmt: skip
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise RequestError(400, "duplicate-columns", f"the column '{repeated[0]}' appears more "
+                           "than once", column=repeated[0])  # fmt: skip
+    reserved = [n for n in names if n in OUTPUT_COLUMNS]
+    if reserved:
+        raise RequestError(400, "reserved-columns", f"the column '{reserved[0]}' is one the "
+                           f"service adds ({', '.join(OUTPUT_COLUMNS)}); rename or drop it",
+                           column=reserved[0])  # fmt: skip
+    for field in schema:
+        if pa.types.is_nested(field.type):
+            raise RequestError(400, "column-type", f"the column '{field.name}' holds nested "
+                               f"values ({field.type}); only flat columns are accepted",
+                               column=field.name)  # fmt: skip
 
 
 def _ragged_rows(data: bytes) -> list[int]:
@@ -131,13 +186,7 @@ def validate(
     # One matrix and whole-matrix checks: per-column pandas calls cost ~5 ms for a single
     # row, half of a one-transaction request. Only a failing batch is checked column by
     # column, to name the first broken column (in contract order) and its rows.
-    columns = []
-    for name in names:
-        raw = frame[name]
-        if raw.dtype == object or not pd.api.types.is_numeric_dtype(raw):
-            raw = pd.to_numeric(raw, errors="coerce")
-        columns.append(np.asarray(raw, dtype="float64"))
-    matrix = np.column_stack(columns)
+    matrix = np.column_stack([_floats(frame[name], name) for name in names])
     good = _good_values(matrix, features)
     if not good.all():
         first = int(np.flatnonzero(~good.all(axis=0))[0])
@@ -172,7 +221,48 @@ def validate_records(
                     return pd.DataFrame(matrix, columns=names)
         except (KeyError, OverflowError):
             pass
-    return validate(pd.DataFrame.from_records(records), contract, unknown_columns, max_rows)
+    # Object columns keep JSON's distinctions (null or absent: None; NaN: a float; true
+    # and "1.5": not numbers), which pandas' own inference would blur into NaN or 1.0.
+    present = dict.fromkeys(key for record in records for key in record)
+    columns = {key: pd.Series([r.get(key) for r in records], dtype=object) for key in present}
+    frame = pd.DataFrame(columns, index=pd.RangeIndex(len(records)))
+    return validate(frame, contract, unknown_columns, max_rows)
+
+
+def _is_number(value: Any) -> bool:
+    """A JSON number: int or float, and not bool (an int subclass)."""
+    return isinstance(value, int | float | np.integer | np.floating) and not isinstance(
+        value, bool | np.bool_
+    )
+
+
+def _floats(raw: pd.Series, name: str) -> np.ndarray:
+    """A contract column as float64, NaN where a value is not a number. Integer and float
+    columns pass; text (a CSV column with a stray word) is parsed; JSON values must be
+    numbers (no booleans, no numeric strings); any other type is refused outright."""
+    kind = raw.dtype
+    if (
+        pd.api.types.is_bool_dtype(kind)
+        or isinstance(kind, pd.CategoricalDtype)  # dictionary codes, not numbers
+        or not (
+            pd.api.types.is_numeric_dtype(kind)
+            or pd.api.types.is_string_dtype(kind)
+            or pd.api.types.is_object_dtype(kind)
+        )
+    ):
+        raise RequestError(400, "numeric", f"'{name}' must hold numbers, not {kind}", column=name)
+    if pd.api.types.is_object_dtype(kind):  # JSON records, or Parquet bytes
+        out = np.full(len(raw), np.nan)
+        for i, value in enumerate(raw.to_numpy()):
+            if _is_number(value):
+                try:
+                    out[i] = float(value)
+                except OverflowError:  # a JSON integer of hundreds of digits
+                    out[i] = np.inf
+        return out
+    if pd.api.types.is_string_dtype(kind):
+        raw = pd.to_numeric(raw, errors="coerce")
+    return raw.to_numpy(dtype="float64", na_value=np.nan)
 
 
 def _good_values(matrix: np.ndarray, features: list[dict[str, Any]]) -> np.ndarray:
@@ -191,7 +281,19 @@ def _explain(raw: pd.Series, array: np.ndarray, spec: dict[str, Any]) -> None:
     """Raise the RequestError for the first rule this column breaks."""
     name = spec["name"]
     nan = np.isnan(array)
-    if nan.any():
+    if pd.api.types.is_object_dtype(raw.dtype):  # JSON: tell a wrong type, a null and a NaN apart
+        values = raw.to_numpy()
+        empty = np.array([v is None for v in values])
+        wrong = np.array([not (v is None or _is_number(v)) for v in values])
+        nan = nan & ~wrong & ~empty  # JSON's non-standard NaN: not finite
+        if wrong.any():
+            message = f"'{name}' must be a number"
+            raise RequestError(400, "numeric", message, column=name, rows=_first_rows(wrong))
+        if empty.any():
+            message = f"'{name}' is empty or null"
+            raise RequestError(400, "missing-values", message, column=name, rows=_first_rows(empty))
+        array = np.where(nan, np.inf, array)
+    elif nan.any():
         not_number = nan & raw.notna().to_numpy()
         if not_number.any():
             raise RequestError(
@@ -250,5 +352,21 @@ def write_table(frame: pd.DataFrame, output_format: str) -> tuple[bytes, str]:
     if output_format == "parquet":
         pq.write_table(table, sink)
         return sink.getvalue().to_pybytes(), "application/vnd.apache.parquet"
-    pa_csv.write_csv(table, sink)
+    pa_csv.write_csv(_defuse_formulas(table), sink)
     return sink.getvalue().to_pybytes(), "text/csv"
+
+
+def _defuse_formulas(table: pa.Table) -> pa.Table:
+    """Text cells that a spreadsheet would run as a formula (=, +, -, @, tab, CR first)
+    get a leading apostrophe, as OWASP advises against CSV injection. Number columns
+    are untouched: only text comes back this way, from columns the client added."""
+    for index, field in enumerate(table.schema):
+        if pa.types.is_string(field.type) or pa.types.is_large_string(field.type):
+            column = table.column(index)
+            risky = pc.starts_with(column, FORMULA_STARTS[0])
+            for start in FORMULA_STARTS[1:]:
+                risky = pc.or_(risky, pc.starts_with(column, start))
+            quote, empty = pa.scalar("'", field.type), pa.scalar("", field.type)
+            defused = pc.if_else(risky, pc.binary_join_element_wise(quote, column, empty), column)
+            table = table.set_column(index, field, defused)
+    return table

@@ -8,7 +8,7 @@ arguments (`model_tag`); nothing here imports the training code.
 from __future__ import annotations
 
 import asyncio
-import hmac
+import hashlib
 import json
 import logging
 import os
@@ -24,7 +24,8 @@ import pandas as pd
 from bentoml.validators import ContentType
 from drift import DriftWindow
 from file_lane import FileLane, score_file_with
-from pydantic import BaseModel
+from gate import RequestGate, RouteRule
+from pydantic import BaseModel, ValidationError
 from runtime import load_runtime
 from scoring import RequestError, score, validate_records
 from settings import Settings
@@ -37,6 +38,26 @@ from starlette.routing import Route
 import metrics
 
 log = logging.getLogger("fraud_scoring")
+
+
+class ClientErrorsWithoutValues(logging.Filter):
+    """BentoML logs every request it refuses with a traceback at ERROR, and pydantic's
+    message quotes the input (`input_value=` holds a whole transaction). A client's
+    mistake is one INFO line here, with no values: the README promises none in logs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        status = getattr(getattr(error, "error_code", None), "value", 500)
+        if isinstance(error, ValidationError) or (error is not None and status < 500):
+            kind = type(error).__name__
+            record.msg, record.args = "request refused by the framework: %s", (kind,)
+            record.exc_info, record.exc_text = None, None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+# The logger BentoML's request handler reports exceptions on.
+logging.getLogger("bentoml._internal.server.http_app").addFilter(ClientErrorsWithoutValues())
 
 
 class BentoArgs(BaseModel):
@@ -52,16 +73,31 @@ MODEL = bentoml.models.BentoModel(ARGS.model_tag)
 STORED_MODEL = MODEL.resolve()
 CONTRACT: dict[str, Any] = json.loads(Path(STORED_MODEL.path_of("contract.json")).read_text())
 LINEAGE = CONTRACT["lineage"]
+
+
+def _check_model_files() -> None:
+    """Refuse to start, in one line naming the file and the cause, when a model file is
+    not the one the package stage verified. A truncated model.pkl used to make workers
+    restart in a loop with a bare EOFError while the port accepted connections."""
+    expected = {"model.pkl": LINEAGE["model_md5"]}
+    compiled = CONTRACT.get("runtime", {}).get("onnx") or {}
+    if compiled.get("md5"):
+        expected[compiled["file"]] = compiled["md5"]
+    for name, md5 in expected.items():
+        path = Path(STORED_MODEL.path_of(name))
+        try:
+            actual = hashlib.md5(path.read_bytes()).hexdigest()
+        except OSError as exc:
+            raise SystemExit(f"fraud_scoring: cannot read {path}: {exc.strerror}") from None
+        if actual != md5:
+            raise SystemExit(
+                f"fraud_scoring: {path} is corrupt or replaced (md5 {actual}, the contract "
+                f"says {md5}); rebuild the Bento with `dvc repro package`"
+            )
+
+
+_check_model_files()
 metrics.REFERENCE_FLAGGED_RATIO.set(CONTRACT["reference"]["flagged_ratio"])
-
-
-def _authorized(headers: dict[bytes, bytes]) -> bool:
-    key = SETTINGS.api_key
-    if key is None:
-        return True
-    sent = headers.get(b"authorization", b"").decode("latin-1")
-    scheme, _, token = sent.partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(token.encode(), key.encode())
 
 
 def _contract_view() -> dict[str, Any]:
@@ -69,6 +105,8 @@ def _contract_view() -> dict[str, Any]:
         "max_rows_per_request": SETTINGS.max_rows,
         "max_json_rows_per_request": SETTINGS.max_json_rows,
         "max_payload_bytes": SETTINGS.max_bytes,
+        "max_json_payload_bytes": SETTINGS.max_json_bytes,
+        "body_timeout_seconds": SETTINGS.body_seconds,
         "unknown_columns": SETTINGS.unknown_columns,
     }
     public = {k: v for k, v in CONTRACT.items() if k != "reference"}
@@ -87,60 +125,17 @@ async def _schema(request: Request) -> Response:
 schema_app = Starlette(routes=[Route("/", _schema, methods=["GET"])])
 
 
-# What each scoring route accepts; BentoML would otherwise try to parse anything as JSON.
-CONTENT_TYPES = {"/predict": ("application/json",), "/predict_file": ("multipart/form-data",)}
-
-
-class RequestGuard:
-    """Before a body is read: refuse one over MAX_BYTES (from Content-Length) with 413,
-    a scoring call without the API key (when FRAUD_API_KEY is set) with 401, and a
-    content type the route does not take with 415."""
-
-    def __init__(self, app: Any, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
-
-    async def _refuse(
-        self, scope: dict, receive: Any, send: Any, status: int, rule: str, message: str
-    ) -> None:
-        metrics.VALIDATION_FAILURES.labels(reason=rule).inc()
-        await JSONResponse({"error": message, "rule": rule}, status_code=status)(
-            scope, receive, send
-        )
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope.get("method") == "POST":
-            headers = dict(scope.get("headers") or [])
-            accepted = CONTENT_TYPES.get(scope.get("path", "").rstrip("/"))
-            # The key first: an unauthenticated caller learns nothing about the limits.
-            if accepted and not _authorized(headers):
-                return await self._refuse(
-                    scope, receive, send, 401, "auth", "missing or wrong API key"
-                )
-            length = headers.get(b"content-length", b"")
-            if length.isdigit() and int(length) > self.max_bytes:
-                message = f"the request has {int(length)} bytes; the limit is {self.max_bytes}"
-                return await self._refuse(scope, receive, send, 413, "max-bytes", message)
-            sent = headers.get(b"content-type", b"").decode("latin-1").split(";")[0].strip()
-            if accepted and sent.lower() not in accepted:
-                message = (
-                    f"content type '{sent or 'none'}' is not accepted here; send {accepted[0]}"
-                )
-                return await self._refuse(scope, receive, send, 415, "content-type", message)
-        await self.app(scope, receive, send)
-
-
 @bentoml.asgi_app(schema_app, path="/schema")
 @bentoml.service(
     name="fraud_scoring",
     # One worker process per core: a request's Python work holds its worker's GIL, so one
     # worker tops out near BentoML's own floor (~450 one-row requests/s measured).
     workers="cpu_count",
-    # For the service; BentoML gives each worker its share (128 of 256 on 2 cores). Single
-    # rows are cheap (~1 ms of model and validation), so many may be in flight: with 64
-    # per service, 32 one-row clients beside two file uploads got 429s. Big files queue
-    # in each worker's file lane (file_lane.py). Measured (bench/results/serving.md): a
-    # 100k-row CSV takes ~2.5 s alone; 120 s covers a 300k-row file behind a queue.
-    traffic={"timeout": 120, "max_concurrency": 256},
+    # No BentoML max_concurrency: it takes a slot before the body is read, so eight slow
+    # uploads locked scoring out. The gate (gate.py) gives slots once bodies have arrived.
+    # Measured (bench/results/serving.md): a 100k-row CSV takes ~2.5 s alone; 120 s
+    # covers a 300k-row file behind a queue in the file lane.
+    traffic={"timeout": 120},
     http={"host": "127.0.0.1", "port": 3000},
     # Prometheus' default buckets stop at 10 s; big batches run past that. Floats only:
     # BentoML's config schema rejects ints here.
@@ -341,4 +336,16 @@ class FraudScoring:
         self.lane.close()
 
 
-FraudScoring.add_asgi_middleware(RequestGuard, max_bytes=SETTINGS.max_bytes)
+FraudScoring.add_asgi_middleware(
+    RequestGate,
+    routes={
+        "/predict": RouteRule("application/json", SETTINGS.max_json_bytes),
+        "/predict_file": RouteRule(
+            "multipart/form-data", SETTINGS.max_bytes, fields=("output_format", "threshold")
+        ),
+    },
+    api_key=SETTINGS.api_key,
+    body_seconds=SETTINGS.body_seconds,
+    max_in_flight=SETTINGS.max_in_flight,
+    on_refused=lambda rule: metrics.VALIDATION_FAILURES.labels(reason=rule).inc(),
+)

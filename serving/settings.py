@@ -13,7 +13,12 @@ RUNTIMES = ("auto", "onnx", "sklearn")
 class Settings:
     max_rows: int = 300_000  # per file
     max_json_rows: int = 20_000  # per JSON request
-    max_bytes: int = 200 * 1024 * 1024  # per request body
+    max_bytes: int = 200 * 1024 * 1024  # per uploaded file request
+    # per JSON request: 20,000 records of 30 numbers are ~15 MB; parsing JSON costs ~10x
+    # its size in memory and blocks the worker's event loop while it runs
+    max_json_bytes: int = 32 * 1024 * 1024
+    body_seconds: float = 30.0  # a request body must arrive within this (else 408)
+    max_in_flight: int = 128  # scoring requests per worker once their bodies arrived
     unknown_columns: str = "ignore"  # or "reject"
     drift_window_rows: int = 20_000
     api_key: str | None = None  # when set, scoring needs "Authorization: Bearer <key>"
@@ -36,6 +41,9 @@ class Settings:
             max_rows=number("FRAUD_MAX_ROWS", cls.max_rows),
             max_json_rows=number("FRAUD_MAX_JSON_ROWS", cls.max_json_rows),
             max_bytes=number("FRAUD_MAX_BYTES", cls.max_bytes),
+            max_json_bytes=number("FRAUD_MAX_JSON_BYTES", cls.max_json_bytes),
+            body_seconds=float(env.get("FRAUD_BODY_TIMEOUT_S", str(cls.body_seconds))),
+            max_in_flight=number("FRAUD_MAX_IN_FLIGHT", cls.max_in_flight),
             unknown_columns=env.get("FRAUD_UNKNOWN_COLUMNS", cls.unknown_columns),
             drift_window_rows=number("FRAUD_DRIFT_WINDOW_ROWS", cls.drift_window_rows),
             api_key=env.get("FRAUD_API_KEY") or None,

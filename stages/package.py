@@ -98,7 +98,9 @@ def compiled_runtime(
             f"max |difference| {check['max_abs_difference']:.3g} (tolerance "
             f"{tolerance:g}), {check['flipped_decisions']} decisions flip at the threshold"
         )
-    spec = {"file": "model.onnx", "input": INPUT, "output": OUTPUT, **check}
+    # md5: the service refuses to start on a file that is not this one (corrupt or swapped)
+    md5 = hashlib.md5(compiled).hexdigest()
+    spec = {"file": "model.onnx", "md5": md5, "input": INPUT, "output": OUTPUT, **check}
     return compiled, {"default": "onnx", "onnx": spec}
 
 

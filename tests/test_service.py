@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
+import socket
+import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,12 +20,14 @@ import requests
 
 from stages.lib.modeling import load_model
 from stages.lib.project import file_md5
+from stages.lib.servers import BIN, free_port
 
 from .conftest import ROOT, bento_dir, build_workspace, start_bento, stop
 
 pytestmark = pytest.mark.integration
 FORMAT_FIXTURE = ROOT / "tests" / "fixtures" / "creditcard_format.csv"
 API_KEY = "test-key-0123456789"
+LOGS: dict[str, Path] = {}  # each server's log file
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +38,9 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str
 @pytest.fixture(scope="module")
 def server(built, tmp_path_factory) -> Iterator[str]:
     ws, env = built
-    process, url = start_bento(bento_dir(ws), env, tmp_path_factory.mktemp("logs") / "serve.log")
+    log = tmp_path_factory.mktemp("logs") / "serve.log"
+    process, url = start_bento(bento_dir(ws), env, log)
+    LOGS[url] = log
     yield url
     stop(process)
 
@@ -51,6 +59,9 @@ def guarded(built, tmp_path_factory) -> Iterator[str]:
         "FRAUD_MAX_ROWS": "1000",
         "FRAUD_MAX_BYTES": "1000000",
         "FRAUD_RUNTIME": "sklearn",  # the fallback runtime, served for real
+        "FRAUD_BODY_TIMEOUT_S": "3",
+        "FRAUD_MAX_IN_FLIGHT": "4",
+        "FRAUD_MAX_JSON_BYTES": "200000",
     }
     process, url = start_bento(bento_dir(ws), env, tmp_path_factory.mktemp("logs") / "guarded.log")
     yield url
@@ -430,3 +441,148 @@ def test_served_model_matches_registry_and_dvc_lock(server, built) -> None:
     split_dir = next(o for o in lock["split"]["outs"] if o["path"].endswith("split"))
     assert split_dir["md5"].endswith(".dir")
     assert file_md5(ws / "data/split/train.parquet") == lineage["train_data_md5"]
+
+
+def _slow_upload(url: str, path: str, headers: str) -> socket.socket:
+    """A client that declares a body and sends one byte of it, then nothing."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    head = f"POST {path} HTTP/1.1\r\nHost: {host}\r\n{headers}Content-Length: 100000\r\n\r\n"
+    sock.sendall(head.encode() + b"{")
+    return sock
+
+
+def test_slow_uploads_hold_no_scoring_slot(guarded, test_rows) -> None:
+    """Issue 11.1: eight slow uploads locked all scoring out for 120 s. Now a request takes
+    a slot (4 per worker here) only once its body has arrived, and a body that does not
+    arrive within FRAUD_BODY_TIMEOUT_S (3 s here) gets 408."""
+    auth = f"Authorization: Bearer {API_KEY}\r\n"
+    slow = [
+        _slow_upload(guarded, "/predict", auth + "Content-Type: application/json\r\n")
+        for _ in range(12)
+    ]
+    try:
+        time.sleep(0.5)
+        for _ in range(5):
+            scored = requests.post(
+                f"{guarded}/predict",
+                headers={"Authorization": f"Bearer {API_KEY}"},
+                json={"transactions": _records(test_rows.head(1))},
+                timeout=10,
+            )
+            assert scored.status_code == 200, scored.text
+        for sock in slow:
+            answer = b""
+            while chunk := sock.recv(4096):  # until the server closes the connection
+                answer += chunk
+            answer = answer.decode("latin-1")
+            assert answer.startswith("HTTP/1.1 408"), answer[:80]
+            assert '"rule":"body-timeout"' in answer
+    finally:
+        for sock in slow:
+            sock.close()
+
+
+def _chunks(total: int, size: int = 64 * 1024) -> Iterator[bytes]:
+    sent = 0
+    while sent < total:
+        yield b"0" * min(size, total - sent)
+        sent += size
+
+
+def test_chunked_bodies_are_capped(guarded) -> None:
+    """Issue 11.2: a body sent chunked (no Content-Length) skipped the byte cap."""
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    for path, content_type, total in (
+        ("/predict", "application/json", 400_000),  # FRAUD_MAX_JSON_BYTES 200,000
+        ("/predict_file", "multipart/form-data; boundary=x", 1_200_000),  # MAX_BYTES 1e6
+    ):
+        response = requests.post(
+            f"{guarded}{path}",
+            data=_chunks(total),
+            headers={**auth, "Content-Type": content_type},
+            timeout=30,
+        )
+        assert response.status_code == 413, (path, response.text)
+        assert response.json()["rule"] == "max-bytes"
+
+
+def _multipart(parts: list[tuple[str, str]], boundary: str = "b0undary", end: bool = True) -> bytes:
+    """A hand-made multipart body: (Content-Disposition parameters, content) per part."""
+    body = b"".join(
+        f"--{boundary}\r\nContent-Disposition: {disposition}\r\n\r\n{content}\r\n".encode()
+        for disposition, content in parts
+    )
+    return body + (f"--{boundary}--\r\n".encode() if end else b"")
+
+
+CSV_ROW = FORMAT_FIXTURE.read_text().splitlines()[:2]
+FILE_PART = ('form-data; name="file"; filename="a.csv"', "\n".join(CSV_ROW))
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        ("multipart/form-data", _multipart([FILE_PART])),  # no boundary
+        ("multipart/form-data; boundary=other", _multipart([FILE_PART])),  # wrong boundary
+        ("multipart/form-data; boundary=b0undary", _multipart([("form-data", "x")])),  # nameless
+        ("multipart/form-data; boundary=b0undary", _multipart([('form-data; name="file"', "x")])),
+        ("multipart/form-data; boundary=b0undary",
+         _multipart([(f'form-data; name="file"; filename="{"a" * 300}.csv"', "x")])),
+        ("multipart/form-data; boundary=b0undary",
+         _multipart([FILE_PART] + [(f'form-data; name="f{i}"', "1") for i in range(9)])),
+        ("multipart/form-data; boundary=b0undary",
+         _multipart([FILE_PART, ('form-data; name="threshold"', "0" * 2000)])),
+        ("multipart/form-data; boundary=b0undary", _multipart([FILE_PART, FILE_PART])),
+        ("multipart/form-data; boundary=b0undary", _multipart([FILE_PART], end=False)),
+        ("multipart/form-data; boundary=b0undary", b"\xff\xfe garbage"),
+    ],
+)  # fmt: skip
+def test_malformed_multipart_is_a_400(server, content_type, body) -> None:
+    """Issue 11.3: malformed multipart bodies were answered with 500."""
+    response = requests.post(
+        f"{server}/predict_file", data=body, headers={"Content-Type": content_type}, timeout=10
+    )
+    assert response.status_code == 400, response.text
+    assert response.json()["rule"] == "multipart"
+
+
+def test_doc_paths_answer(server) -> None:
+    """Issue 11.10: `/schema` was a 307 echoing the Host header, `/docs` a 404."""
+    schema = requests.get(f"{server}/schema", timeout=10, allow_redirects=False)
+    assert schema.status_code == 200 and "features" in schema.json()
+    docs = requests.get(f"{server}/docs", timeout=10, allow_redirects=False)
+    assert docs.status_code == 200 and "text/html" in docs.headers["Content-Type"]
+
+
+def test_logs_hold_no_transaction_values(server, test_rows) -> None:
+    """Issue 11.6: refused requests logged tracebacks with pydantic's `input_value=`."""
+    marker = "987.654321012"
+    record = {**_records(test_rows.head(1))[0], "V7": marker}
+    for payload in ({"transactions": [record]}, {"transactions": {"V1": marker}}):
+        response = requests.post(f"{server}/predict", json=payload, timeout=10)
+        assert response.status_code == 400, response.text
+    time.sleep(0.5)
+    log = LOGS[server].read_text()
+    assert marker not in log and "input_value" not in log
+    assert "Traceback" not in log
+
+
+def test_corrupt_model_fails_fast(built, tmp_path) -> None:
+    """Issue 11.5: a truncated model.pkl made `bentoml serve` restart its worker in a loop
+    while the port accepted connections. Now it exits at once with one line naming the file."""
+    ws, env = built
+    bento = tmp_path / "bento"
+    shutil.copytree(bento_dir(ws), bento)
+    (model_file,) = bento.glob("models/*/*/model.pkl")
+    model_file.write_bytes(model_file.read_bytes()[:1000])
+    port = free_port()
+    started = time.perf_counter()
+    result = subprocess.run(
+        [str(BIN / "bentoml"), "serve", str(bento), "--host", "127.0.0.1", "--port", str(port)],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert time.perf_counter() - started < 60
+    lines = [line for line in result.stderr.splitlines() if "is corrupt or replaced" in line]
+    assert len(lines) == 1 and str(model_file.name) in lines[0], result.stderr[-2000:]

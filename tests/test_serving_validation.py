@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import importlib.util
+import io
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
+from stages.lib.contract import feature_ranges
 from stages.lib.schema import FEATURES
 
 from .conftest import ROOT
@@ -70,3 +74,139 @@ def test_same_features(records) -> None:
 def test_same_errors(records, unknown, rule) -> None:
     fast, slow = answer(records, unknown)
     assert fast == slow and fast[1]["rule"] == rule
+
+
+# The mutation corpus of issue 11: client mistakes that were answered with 500 or
+# scored anyway. Each must now be a 4xx naming the rule (and the column and rows).
+@pytest.mark.parametrize(
+    ("records", "status", "rule", "column", "rows"),
+    [
+        ([{**GOOD, "V1": 10**400}], 400, "finite", "V1", [0]),  # was OverflowError, 500
+        ([GOOD, {**GOOD, "V2": True}], 400, "numeric", "V2", [1]),  # was scored as 1.0
+        ([{**GOOD, "V2": "1.5"}], 400, "numeric", "V2", [0]),  # was scored as 1.5
+        ([GOOD, {**GOOD, "V4": float("nan")}], 400, "finite", "V4", [1]),  # was "empty"
+        ([GOOD, {**GOOD, "V4": None}], 400, "missing-values", "V4", [1]),
+        ([GOOD, {k: v for k, v in GOOD.items() if k != "V4"}], 400, "missing-values", "V4", [1]),
+        ([{}], 400, "missing-columns", "Time", None),  # was "no transactions"
+        ([{**GOOD, "V5": [1.0]}], 400, "numeric", "V5", [0]),
+    ],
+)
+def test_json_mistakes_are_named(records, status, rule, column, rows) -> None:
+    with pytest.raises(scoring.RequestError) as caught:
+        scoring.validate_records(records, CONTRACT, "ignore", 10)
+    assert caught.value.status == status
+    assert (caught.value.body["rule"], caught.value.body.get("column")) == (rule, column)
+    assert caught.value.body.get("rows") == rows
+
+
+def test_time_is_bounded_by_the_contract() -> None:
+    """1e308 seconds was scored: the contract now caps Time."""
+    train = pd.DataFrame({n: [0.0, 1.0] for n in FEATURES})
+    time_spec = next(f for f in feature_ranges(train, 0.1) if f["name"] == "Time")
+    assert time_spec["valid_max"] is not None and time_spec["valid_max"] < 1e12
+
+
+def _csv(frame: pd.DataFrame) -> bytes:
+    return frame.to_csv(index=False).encode()
+
+
+def _parquet(table: pa.Table) -> bytes:
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    return sink.getvalue()
+
+
+ROWS = pd.DataFrame([GOOD, {**GOOD, "Time": 2.0}, {**GOOD, "Time": 3.0}])
+TABLE = pa.Table.from_pandas(ROWS, preserve_index=False)
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "status", "rule", "column"),
+    [
+        ("h.csv", _csv(ROWS).replace(b"Time", b"T\xffime", 1), 400, "encoding", None),
+        (
+            "c.csv",
+            _csv(ROWS.assign(note=["a", "\xff", "b"])).replace(b"\xc3\xbf", b"\xff"),
+            400,
+            "encoding",
+            "note",
+        ),  # fmt: skip
+        ("d.csv", _csv(ROWS).replace(b"V2", b"V1", 1), 400, "duplicate-columns", "V1"),
+        ("r.csv", _csv(ROWS.assign(is_fraud=1)), 400, "reserved-columns", "is_fraud"),
+        ("r.csv", _csv(ROWS.assign(risk_band="x")), 400, "reserved-columns", "risk_band"),
+        ("b.csv", _csv(ROWS.assign(V3=[True, False, True])), 400, "numeric", "V3"),
+        (
+            "l.parquet",
+            _parquet(TABLE.append_column("L", pa.array([[1], [2], [3]]))),
+            400,
+            "column-type",
+            "L",
+        ),  # fmt: skip
+        (
+            "s.parquet",
+            _parquet(TABLE.append_column("S", pa.array([{"a": 1}] * 3))),
+            400,
+            "column-type",
+            "S",
+        ),  # fmt: skip
+        (
+            "m.parquet",
+            _parquet(
+                TABLE.append_column(
+                    "M", pa.array([[("k", 1)]] * 3, pa.map_(pa.string(), pa.int64()))
+                )
+            ),
+            400,
+            "column-type",
+            "M",
+        ),  # fmt: skip
+        (
+            "y.parquet",
+            _parquet(TABLE.set_column(1, "V1", pa.array([b"1", b"2", b"3"]))),
+            400,
+            "numeric",
+            "V1",
+        ),  # fmt: skip
+        (
+            "t.parquet",
+            _parquet(TABLE.set_column(0, "Time", pa.array([1, 2, 3], pa.duration("s")))),
+            400,
+            "numeric",
+            "Time",
+        ),  # fmt: skip
+        (
+            "w.parquet",
+            _parquet(pa.table({f"c{i}": [1.0] for i in range(300)})),
+            400,
+            "max-columns",
+            None,
+        ),  # fmt: skip
+    ],
+)
+def test_file_mistakes_are_named(name, data, status, rule, column) -> None:
+    with pytest.raises(scoring.RequestError) as caught:
+        scoring.validate(scoring.read_upload(data, name), CONTRACT, "ignore", 10)
+    assert (caught.value.status, caught.value.body["rule"]) == (status, rule)
+    assert caught.value.body.get("column") == column
+
+
+def test_parquet_bomb_refused_from_its_footer(monkeypatch) -> None:
+    """A small file whose text inflates past the cap is refused before decompressing."""
+    monkeypatch.setattr(scoring, "MAX_DECOMPRESSED_BYTES", 10 * 1024 * 1024)
+    bomb = _parquet(TABLE.append_column("S", pa.array(["x" * (20 * 1024 * 1024), "", ""])))
+    assert len(bomb) < 1024 * 1024
+    with pytest.raises(scoring.RequestError) as caught:
+        scoring.read_upload(bomb, "bomb.parquet")
+    assert (caught.value.status, caught.value.body["rule"]) == (413, "max-decompressed-bytes")
+
+
+def test_csv_output_defuses_spreadsheet_formulas() -> None:
+    """OWASP CSV injection: text the client sent comes back unable to run as a formula;
+    numbers (negative ones included) are untouched."""
+    frame = ROWS.assign(V1=-2.5, note=['=HYPERLINK("http://x")', "+1", "plain"])
+    payload, _ = scoring.write_table(frame, "csv")
+    back = pd.read_csv(io.BytesIO(payload))
+    assert back["note"].tolist() == ['\'=HYPERLINK("http://x")', "'+1", "plain"]
+    assert (back["V1"] == -2.5).all()
+    parquet, _ = scoring.write_table(frame, "parquet")  # Parquet keeps values as they are
+    assert pd.read_parquet(io.BytesIO(parquet))["note"].tolist() == frame["note"].tolist()

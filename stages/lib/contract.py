@@ -13,12 +13,15 @@ CONTRACT_VERSION = 1
 # Probabilities of fraud crowd near 0, so drift bins are log-spaced there.
 SCORE_EDGES = (0.0, 1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 0.6, 1.0)
 NON_NEGATIVE = ("Time", "Amount")
+# Time (seconds since the data's first transaction) only grows, so it has no training
+# bound; ten years caps it short of values that lose precision (1e308 was scored).
+MAX_TIME_SECONDS = 10 * 365 * 86_400.0
 
 
 def feature_ranges(train: pd.DataFrame, margin: float) -> list[dict[str, Any]]:
     """Per feature: dtype, the range seen in training, and the range serving accepts
     (the training range widened by `margin` times its span on each side; never below 0
-    for Time and Amount, and no upper bound on Time, which only grows)."""
+    for Time and Amount; Time, which only grows, up to MAX_TIME_SECONDS)."""
     out = []
     for name in FEATURES:
         lo, hi = float(train[name].min()), float(train[name].max())
@@ -31,7 +34,7 @@ def feature_ranges(train: pd.DataFrame, margin: float) -> list[dict[str, Any]]:
                 "train_min": lo,
                 "train_max": hi,
                 "valid_min": valid_min,
-                "valid_max": None if name == "Time" else hi + margin * span,
+                "valid_max": MAX_TIME_SECONDS if name == "Time" else hi + margin * span,
             }
         )
     return out

@@ -1,0 +1,261 @@
+"""The request gate: what a scoring request must pass before BentoML parses it.
+
+In order, for POST /predict and /predict_file:
+1. the API key, when FRAUD_API_KEY is set (401; first, so a stranger learns no limits);
+2. the content type the route takes (415);
+3. the declared size, from Content-Length (413);
+4. the body itself, read here under a deadline (408) and a byte cap that also holds for
+   chunked bodies with no Content-Length (413), spooled to disk past 1 MiB;
+5. for files, the multipart shape: a boundary, named parts, one `file` part that is a
+   file with a sane name, small text fields, nothing unknown (400), so that no client
+   mistake reaches BentoML's form parser and comes back as a 500;
+6. a scoring slot, taken only now that the body has arrived (429 with Retry-After when
+   all are busy): slow uploads hold no slot, so they cannot lock scoring out.
+
+Also two path aliases: `/schema` answers as `/schema/` (not a redirect that echoes the
+Host header) and `/docs` as the docs page at `/`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import IO, Any
+
+from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.responses import JSONResponse
+
+SPOOL_IN_MEMORY = 1024 * 1024  # bytes of a body kept in memory; the rest goes to disk
+CHUNK = 64 * 1024
+MAX_PARTS = 8
+MAX_FIELD_BYTES = 1024  # a text field (output_format, threshold)
+MAX_FILENAME_BYTES = 255
+ALIASES = {"/schema": "/schema/", "/docs": "/"}
+
+
+class Refused(Exception):
+    """The gate's answer to a request that broke a rule."""
+
+    def __init__(self, status: int, rule: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.rule, self.message = status, rule, message
+
+
+@dataclass(frozen=True)
+class RouteRule:
+    content_type: str
+    max_bytes: int
+    fields: tuple[str, ...] = ()  # multipart: the text fields it takes besides `file`
+
+
+async def read_body(receive: Callable, max_bytes: int, seconds: float) -> IO[bytes]:
+    """The whole body, spooled, within `seconds` and `max_bytes` (chunked or not)."""
+    spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY)
+    size = 0
+    try:
+        async with asyncio.timeout(seconds):
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise Refused(400, "disconnected", "the client went away mid-body")
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > max_bytes:
+                    raise Refused(413, "max-bytes", f"the body is over the limit of "
+                                  f"{max_bytes} bytes")  # fmt: skip
+                spool.write(chunk)
+                if not message.get("more_body", False):
+                    break
+    except TimeoutError:
+        spool.close()
+        raise Refused(
+            408, "body-timeout", f"the body did not arrive within {seconds:g} s"
+        ) from None
+    except Refused:
+        spool.close()
+        raise
+    spool.seek(0)
+    return spool
+
+
+def check_multipart(spool: IO[bytes], content_type: bytes, fields: tuple[str, ...]) -> None:
+    """Refuse a multipart body BentoML's form parser would choke on (or answer with 500).
+    Reads the spooled body once, keeping nothing but part headers."""
+    _, options = parse_options_header(content_type)
+    boundary = options.get(b"boundary")
+    if not boundary:
+        raise Refused(400, "multipart", "the multipart body has no boundary")
+    parts: list[dict[str, Any]] = []
+    header: dict[str, bytes] = {}
+
+    def on_part_begin() -> None:
+        if len(parts) >= MAX_PARTS:
+            raise Refused(400, "multipart", f"more than {MAX_PARTS} parts")
+        parts.append({"size": 0})
+        header.clear()
+
+    def on_header_field(data: bytes, start: int, end: int) -> None:
+        header["field"] = header.get("field", b"") + data[start:end]
+
+    def on_header_value(data: bytes, start: int, end: int) -> None:
+        header["value"] = header.get("value", b"") + data[start:end]
+
+    def on_header_end() -> None:
+        if header.get("field", b"").lower() == b"content-disposition":
+            kind, params = parse_options_header(header.get("value", b""))
+            parts[-1].update(kind=kind, params=params)
+        header.clear()
+
+    def on_part_data(data: bytes, start: int, end: int) -> None:
+        parts[-1]["size"] += end - start
+
+    state = {"ended": False}
+    parser = MultipartParser(
+        boundary,
+        {
+            "on_part_begin": on_part_begin,
+            "on_header_field": on_header_field,
+            "on_header_value": on_header_value,
+            "on_header_end": on_header_end,
+            "on_part_data": on_part_data,
+            "on_end": lambda: state.update(ended=True),
+        },
+    )
+    try:
+        while chunk := spool.read(CHUNK):
+            parser.write(chunk)
+        parser.finalize()
+    except Refused:
+        raise
+    except Exception:  # the parser's own errors: the body is not valid multipart
+        raise Refused(400, "multipart", "the multipart body is malformed") from None
+    finally:
+        spool.seek(0)
+    if not state["ended"]:
+        raise Refused(400, "multipart", "the multipart body is incomplete (no final boundary)")
+    _check_parts(parts, fields)
+
+
+def _check_parts(parts: list[dict[str, Any]], fields: tuple[str, ...]) -> None:
+    names = []
+    for part in parts:
+        params = part.get("params", {})
+        name = params.get(b"name", b"").decode("utf-8", "replace")
+        if part.get("kind") != b"form-data" or not name:
+            raise Refused(400, "multipart", "every part needs a form-data name")
+        names.append(name)
+        if name == "file":
+            filename = params.get(b"filename")
+            if filename is None:
+                raise Refused(400, "multipart", "'file' must be an uploaded file, not a text field")
+            if len(filename) > MAX_FILENAME_BYTES:
+                raise Refused(400, "multipart", f"the file name is over {MAX_FILENAME_BYTES} "
+                              "bytes")  # fmt: skip
+        elif name not in fields:
+            raise Refused(400, "multipart", f"unknown field '{name[:40]}'; this route takes "
+                          f"file, {', '.join(fields)}")  # fmt: skip
+        elif part["size"] > MAX_FIELD_BYTES:
+            raise Refused(400, "multipart", f"the field '{name}' is over {MAX_FIELD_BYTES} bytes")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise Refused(400, "multipart", f"the field '{repeated[0]}' is sent more than once")
+    if "file" not in names:
+        raise Refused(400, "multipart", "no 'file' part")
+
+
+def _authorized(headers: dict[bytes, bytes], key: str | None) -> bool:
+    if key is None:
+        return True
+    sent = headers.get(b"authorization", b"").decode("latin-1")
+    scheme, _, token = sent.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.encode(), key.encode())
+
+
+class RequestGate:
+    """ASGI middleware: the checks above, then the request goes on with its body replayed."""
+
+    def __init__(self, app: Any, routes: dict[str, RouteRule], api_key: str | None,
+                 body_seconds: float, max_in_flight: int, on_refused: Callable[[str], None],
+                 retry_after_seconds: int = 1) -> None:  # fmt: skip
+        self.app, self.routes, self.api_key = app, routes, api_key
+        self.body_seconds, self.max_in_flight = body_seconds, max_in_flight
+        self.on_refused, self.retry_after = on_refused, retry_after_seconds
+        self.in_flight = 0  # one event loop per worker: a plain counter is enough
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        if path in ALIASES and scope.get("method") in ("GET", "HEAD"):
+            scope = {**scope, "path": ALIASES[path], "raw_path": ALIASES[path].encode()}
+        rule = self.routes.get(path.rstrip("/"))
+        if rule is None or scope.get("method") != "POST":
+            return await self.app(scope, receive, send)
+        try:
+            spool = await self._admit_body(scope, receive, rule)
+        except Refused as refused:
+            return await self._refuse(scope, receive, send, refused)
+        if self.in_flight >= self.max_in_flight:
+            spool.close()
+            busy = Refused(429, "busy", "all scoring slots are busy; retry shortly")
+            return await self._refuse(scope, receive, send, busy)
+        self.in_flight += 1
+        try:
+            await self.app(scope, _replay(spool, receive), send)
+        finally:
+            self.in_flight -= 1
+            spool.close()
+
+    async def _admit_body(self, scope: dict, receive: Any, rule: RouteRule) -> IO[bytes]:
+        headers = dict(scope.get("headers") or [])
+        if not _authorized(headers, self.api_key):
+            raise Refused(401, "auth", "missing or wrong API key")
+        sent = headers.get(b"content-type", b"")
+        kind = sent.decode("latin-1").split(";")[0].strip().lower()
+        if kind != rule.content_type:
+            raise Refused(415, "content-type", f"content type '{kind or 'none'}' is not "
+                          f"accepted here; send {rule.content_type}")  # fmt: skip
+        length = headers.get(b"content-length", b"")
+        if length.isdigit() and int(length) > rule.max_bytes:
+            raise Refused(413, "max-bytes", f"the request has {int(length)} bytes; the limit "
+                          f"is {rule.max_bytes}")  # fmt: skip
+        spool = await read_body(receive, rule.max_bytes, self.body_seconds)
+        if rule.content_type == "multipart/form-data":
+            try:
+                await asyncio.to_thread(check_multipart, spool, sent, rule.fields)
+            except Refused:
+                spool.close()
+                raise
+        return spool
+
+    async def _refuse(self, scope: dict, receive: Any, send: Any, refused: Refused) -> None:
+        self.on_refused(refused.rule)
+        headers = {"Retry-After": str(self.retry_after)} if refused.status == 429 else None
+        if refused.status in (408, 413):
+            headers = {"Connection": "close"}  # the rest of the body is not read
+        response = JSONResponse(
+            {"error": refused.message, "rule": refused.rule},
+            status_code=refused.status,
+            headers=headers,
+        )
+        await response(scope, receive, send)
+
+
+def _replay(spool: IO[bytes], receive: Callable) -> Callable:
+    """An ASGI receive that hands out the spooled body, then the client's own messages
+    (a disconnect)."""
+    done = False
+
+    async def replay() -> dict:
+        nonlocal done
+        if done:
+            return await receive()
+        chunk = spool.read(CHUNK)
+        if len(chunk) < CHUNK:
+            done = True
+        return {"type": "http.request", "body": chunk, "more_body": not done}
+
+    return replay
