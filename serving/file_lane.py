@@ -121,17 +121,14 @@ class FileLane:
 
     def submit(self, upload: Path, filename: str | None, output_format: str, threshold: float,
                out_path: Path) -> Future:  # fmt: skip
+        job = (score_file, str(upload), filename, output_format, threshold, str(out_path))
         try:
-            return self._pool.submit(
-                score_file, str(upload), filename, output_format, threshold, str(out_path)
-            )
+            return self._pool.submit(*job)
         except BrokenProcessPool:
             # The child died (e.g. killed for memory): start a new one for this and later files.
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = self._new_pool()
-            return self._pool.submit(
-                score_file, str(upload), filename, output_format, threshold, str(out_path)
-            )
+            return self._pool.submit(*job)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from python_multipart.multipart import MultipartParser, parse_options_header
+from scoring import RequestError
 from starlette.responses import JSONResponse
 
 SPOOL_IN_MEMORY = 1024 * 1024  # bytes of a body kept in memory; the rest goes to disk
@@ -34,14 +35,6 @@ MAX_PARTS = 8
 MAX_FIELD_BYTES = 1024  # a text field (output_format, threshold)
 MAX_FILENAME_BYTES = 255
 ALIASES = {"/schema": "/schema/", "/docs": "/"}
-
-
-class Refused(Exception):
-    """The gate's answer to a request that broke a rule."""
-
-    def __init__(self, status: int, rule: str, message: str) -> None:
-        super().__init__(message)
-        self.status, self.rule, self.message = status, rule, message
 
 
 @dataclass(frozen=True)
@@ -60,21 +53,21 @@ async def read_body(receive: Callable, max_bytes: int, seconds: float) -> IO[byt
             while True:
                 message = await receive()
                 if message["type"] == "http.disconnect":
-                    raise Refused(400, "disconnected", "the client went away mid-body")
+                    raise RequestError(400, "disconnected", "the client went away mid-body")
                 chunk = message.get("body", b"")
                 size += len(chunk)
                 if size > max_bytes:
-                    raise Refused(413, "max-bytes", f"the body is over the limit of "
+                    raise RequestError(413, "max-bytes", f"the body is over the limit of "
                                   f"{max_bytes} bytes")  # fmt: skip
                 spool.write(chunk)
                 if not message.get("more_body", False):
                     break
     except TimeoutError:
         spool.close()
-        raise Refused(
+        raise RequestError(
             408, "body-timeout", f"the body did not arrive within {seconds:g} s"
         ) from None
-    except Refused:
+    except RequestError:
         spool.close()
         raise
     spool.seek(0)
@@ -87,13 +80,13 @@ def check_multipart(spool: IO[bytes], content_type: bytes, fields: tuple[str, ..
     _, options = parse_options_header(content_type)
     boundary = options.get(b"boundary")
     if not boundary:
-        raise Refused(400, "multipart", "the multipart body has no boundary")
+        raise _malformed("the multipart body has no boundary")
     parts: list[dict[str, Any]] = []
     header: dict[str, bytes] = {}
 
     def on_part_begin() -> None:
         if len(parts) >= MAX_PARTS:
-            raise Refused(400, "multipart", f"more than {MAX_PARTS} parts")
+            raise _malformed(f"more than {MAX_PARTS} parts")
         parts.append({"size": 0})
         header.clear()
 
@@ -128,15 +121,19 @@ def check_multipart(spool: IO[bytes], content_type: bytes, fields: tuple[str, ..
         while chunk := spool.read(CHUNK):
             parser.write(chunk)
         parser.finalize()
-    except Refused:
+    except RequestError:
         raise
     except Exception:  # the parser's own errors: the body is not valid multipart
-        raise Refused(400, "multipart", "the multipart body is malformed") from None
+        raise _malformed("the multipart body is malformed") from None
     finally:
         spool.seek(0)
     if not state["ended"]:
-        raise Refused(400, "multipart", "the multipart body is incomplete (no final boundary)")
+        raise _malformed("the multipart body is incomplete (no final boundary)")
     _check_parts(parts, fields)
+
+
+def _malformed(message: str) -> RequestError:
+    return RequestError(400, "multipart", message)
 
 
 def _check_parts(parts: list[dict[str, Any]], fields: tuple[str, ...]) -> None:
@@ -145,25 +142,24 @@ def _check_parts(parts: list[dict[str, Any]], fields: tuple[str, ...]) -> None:
         params = part.get("params", {})
         name = params.get(b"name", b"").decode("utf-8", "replace")
         if part.get("kind") != b"form-data" or not name:
-            raise Refused(400, "multipart", "every part needs a form-data name")
+            raise _malformed("every part needs a form-data name")
         names.append(name)
         if name == "file":
             filename = params.get(b"filename")
             if filename is None:
-                raise Refused(400, "multipart", "'file' must be an uploaded file, not a text field")
+                raise _malformed("'file' must be an uploaded file, not a text field")
             if len(filename) > MAX_FILENAME_BYTES:
-                raise Refused(400, "multipart", f"the file name is over {MAX_FILENAME_BYTES} "
-                              "bytes")  # fmt: skip
+                raise _malformed(f"the file name is over {MAX_FILENAME_BYTES} bytes")
         elif name not in fields:
-            raise Refused(400, "multipart", f"unknown field '{name[:40]}'; this route takes "
-                          f"file, {', '.join(fields)}")  # fmt: skip
+            accepted = ", ".join(("file", *fields))
+            raise _malformed(f"unknown field '{name[:40]}'; this route takes {accepted}")
         elif part["size"] > MAX_FIELD_BYTES:
-            raise Refused(400, "multipart", f"the field '{name}' is over {MAX_FIELD_BYTES} bytes")
+            raise _malformed(f"the field '{name}' is over {MAX_FIELD_BYTES} bytes")
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
-        raise Refused(400, "multipart", f"the field '{repeated[0]}' is sent more than once")
+        raise _malformed(f"the field '{repeated[0]}' is sent more than once")
     if "file" not in names:
-        raise Refused(400, "multipart", "no 'file' part")
+        raise _malformed("no 'file' part")
 
 
 def _authorized(headers: dict[bytes, bytes], key: str | None) -> bool:
@@ -196,11 +192,11 @@ class RequestGate:
             return await self.app(scope, receive, send)
         try:
             spool = await self._admit_body(scope, receive, rule)
-        except Refused as refused:
+        except RequestError as refused:
             return await self._refuse(scope, receive, send, refused)
         if self.in_flight >= self.max_in_flight:
             spool.close()
-            busy = Refused(429, "busy", "all scoring slots are busy; retry shortly")
+            busy = RequestError(429, "busy", "all scoring slots are busy; retry shortly")
             return await self._refuse(scope, receive, send, busy)
         self.in_flight += 1
         try:
@@ -212,32 +208,32 @@ class RequestGate:
     async def _admit_body(self, scope: dict, receive: Any, rule: RouteRule) -> IO[bytes]:
         headers = dict(scope.get("headers") or [])
         if not _authorized(headers, self.api_key):
-            raise Refused(401, "auth", "missing or wrong API key")
+            raise RequestError(401, "auth", "missing or wrong API key")
         sent = headers.get(b"content-type", b"")
         kind = sent.decode("latin-1").split(";")[0].strip().lower()
         if kind != rule.content_type:
-            raise Refused(415, "content-type", f"content type '{kind or 'none'}' is not "
+            raise RequestError(415, "content-type", f"content type '{kind or 'none'}' is not "
                           f"accepted here; send {rule.content_type}")  # fmt: skip
         length = headers.get(b"content-length", b"")
         if length.isdigit() and int(length) > rule.max_bytes:
-            raise Refused(413, "max-bytes", f"the request has {int(length)} bytes; the limit "
+            raise RequestError(413, "max-bytes", f"the request has {int(length)} bytes; the limit "
                           f"is {rule.max_bytes}")  # fmt: skip
         spool = await read_body(receive, rule.max_bytes, self.body_seconds)
         if rule.content_type == "multipart/form-data":
             try:
                 await asyncio.to_thread(check_multipart, spool, sent, rule.fields)
-            except Refused:
+            except RequestError:
                 spool.close()
                 raise
         return spool
 
-    async def _refuse(self, scope: dict, receive: Any, send: Any, refused: Refused) -> None:
-        self.on_refused(refused.rule)
+    async def _refuse(self, scope: dict, receive: Any, send: Any, refused: RequestError) -> None:
+        self.on_refused(refused.body["rule"])
         headers = {"Retry-After": str(self.retry_after)} if refused.status == 429 else None
         if refused.status in (408, 413):
             headers = {"Connection": "close"}  # the rest of the body is not read
         response = JSONResponse(
-            {"error": refused.message, "rule": refused.rule},
+            refused.body,
             status_code=refused.status,
             headers=headers,
         )
