@@ -101,10 +101,12 @@ def test_bad_chunk_keeps_earlier_chunks(service, contract) -> None:
 
 
 class FlakyProxy:
-    """A real HTTP server in front of the service that answers 503 to the first
-    `failures` requests, then forwards: a transient outage, as a load balancer shows it."""
+    """A real HTTP server in front of the service that answers `status` (503: a transient
+    outage, as a load balancer shows it) to the first `failures` requests, then forwards."""
 
-    def __init__(self, target: str, failures: int) -> None:
+    def __init__(
+        self, target: str, failures: int, status: int = 503, headers: dict | None = None
+    ) -> None:
         self.failures, self.seen = failures, 0
         proxy = self
 
@@ -113,7 +115,10 @@ class FlakyProxy:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 proxy.seen += 1
                 if proxy.seen <= proxy.failures:
-                    self.send_response(503)
+                    self.send_response(status)
+                    for name, value in (headers or {}).items():
+                        self.send_header(name, value)
+                    self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
                 upstream = requests.post(
@@ -143,6 +148,19 @@ def test_transient_failures_are_retried(service, contract) -> None:
     finally:
         proxy.server.shutdown()
     assert run.error is None and run.retries == 2 and len(run.result) == 1000
+
+
+def test_busy_service_is_retried_after_its_retry_after(service, contract) -> None:
+    """A 429 (all scoring slots busy) is retried, after the Retry-After the service sent."""
+    proxy = FlakyProxy(service["url"], failures=1, status=429, headers={"Retry-After": "1"})
+    frame = pd.read_csv(SAMPLE)
+    start = time.perf_counter()
+    try:
+        run = client.score_in_chunks(frame, proxy.url, contract, rows_per_chunk=500, backoff=0.01)
+    finally:
+        proxy.server.shutdown()
+    assert run.error is None and run.retries == 1 and len(run.result) == 1000
+    assert time.perf_counter() - start >= 1.0  # waited as told, not the 0.01 s backoff
 
 
 def test_persistent_outage_is_explained(contract) -> None:

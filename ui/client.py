@@ -12,10 +12,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import requests
+from requests.adapters import HTTPAdapter
 from sklearn.metrics import precision_recall_curve
+from urllib3.exceptions import MaxRetryError, ReadTimeoutError
+from urllib3.util import Retry
 
 EXAMPLE_ROWS = 5
 RETRIES = 3
+RETRY_STATUSES = (429, 500, 502, 503, 504)
 
 
 class ServiceError(RuntimeError):
@@ -27,9 +31,13 @@ def _headers(api_key: str | None) -> dict[str, str]:
 
 
 def _explain(exc: Exception | None, response: requests.Response | None, url: str) -> str:
-    if isinstance(exc, requests.ConnectionError):
+    cause = exc.args[0] if exc is not None and exc.args else None
+    gave_up_waiting = isinstance(cause, MaxRetryError) and isinstance(
+        cause.reason, ReadTimeoutError
+    )
+    if isinstance(exc, requests.ConnectionError) and not gave_up_waiting:
         return f"The scoring service at {url} is not reachable. Is it running (make serve)?"
-    if isinstance(exc, requests.Timeout):
+    if isinstance(exc, requests.Timeout) or gave_up_waiting:
         return f"The scoring service at {url} did not answer in time."
     if response is not None:
         if response.status_code == 401:
@@ -143,47 +151,61 @@ def score_in_chunks(
     backoff: float = 0.5,
 ) -> ScoringRun:
     """Send `frame` in chunks to /predict_file (Parquet both ways). A chunk that fails with
-    a 5xx, a timeout or a lost connection is retried; a persistent failure stops the run
-    and keeps the chunks already scored. A 4xx is not retried: the data is at fault."""
+    a 5xx, a 429 (after its Retry-After), a timeout or a lost connection is retried; a
+    persistent failure stops the run and keeps the chunks already scored. Other 4xx are
+    not retried: the data is at fault."""
     run = ScoringRun()
     size = rows_per_chunk or chunk_size(contract, frame)
     start = time.perf_counter()
-    for offset in range(0, len(frame), size):
-        part = frame.iloc[offset : offset + size]
-        buffer = io.BytesIO()
-        part.to_parquet(buffer, index=False)
-        payload = buffer.getvalue()
-        for attempt in range(RETRIES + 1):
+    with _retrying_session(backoff) as session:
+        for offset in range(0, len(frame), size):
+            part = frame.iloc[offset : offset + size]
+            buffer = io.BytesIO()
+            part.to_parquet(buffer, index=False)
             exc, response = None, None
             try:
-                response = requests.post(
+                response = session.post(
                     f"{url}/predict_file",
                     headers=_headers(api_key),
                     timeout=timeout,
-                    files={"file": ("chunk.parquet", payload)},
+                    files={"file": ("chunk.parquet", buffer.getvalue())},
                     data={"output_format": "parquet"},
                 )
+                run.retries += len(response.raw.retries.history) if response.raw.retries else 0
             except requests.RequestException as error:
                 exc = error
-            if response is not None and response.status_code == 200:
-                scored = pd.read_parquet(io.BytesIO(response.content))
-                run.scored.append(scored[["fraud_probability", "risk_band"]])
-                break
-            transient = exc is not None or (response is not None and response.status_code >= 500)
-            if not transient or attempt == RETRIES:
+                run.retries += RETRIES  # urllib3 gave up after all of them
+            if response is None or response.status_code != 200:
                 first, last = offset + 1, offset + len(part)
                 run.error = (
                     f"Rows {first}-{last} could not be scored: {_explain(exc, response, url)}"
                 )
                 run.seconds = time.perf_counter() - start
                 return run
-            run.retries += 1
-            time.sleep(backoff * 2**attempt)
-        run.rows_done += len(part)
-        run.seconds = time.perf_counter() - start
-        if progress:
-            progress(run.rows_done, len(frame), run.seconds)
+            scored = pd.read_parquet(io.BytesIO(response.content))
+            run.scored.append(scored[["fraud_probability", "risk_band"]])
+            run.rows_done += len(part)
+            run.seconds = time.perf_counter() - start
+            if progress:
+                progress(run.rows_done, len(frame), run.seconds)
     return run
+
+
+def _retrying_session(backoff: float) -> requests.Session:
+    """Retries by urllib3: lost connections, timeouts, 5xx, and 429 after the service's
+    Retry-After. Scoring a chunk twice is harmless, so POST is retried too."""
+    retry = Retry(
+        total=RETRIES,
+        backoff_factor=backoff,
+        status_forcelist=RETRY_STATUSES,
+        allowed_methods=None,  # every method, POST included
+        respect_retry_after_header=True,
+        raise_on_status=False,  # the last answer comes back, to be explained
+    )
+    session = requests.Session()
+    session.mount("http://", HTTPAdapter(max_retries=retry))
+    session.mount("https://", HTTPAdapter(max_retries=retry))
+    return session
 
 
 def threshold_summary(
