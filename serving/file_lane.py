@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import psutil
 from runtime import load_runtime
 from scoring import RequestError, read_upload, score, validate, write_table
 
@@ -78,23 +79,13 @@ def score_file_with(contract: dict[str, Any], settings: Any, runtime: Any, uploa
     }
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def scratch_dir() -> Path:
-    """This worker's folder for scored outputs; folders of dead workers are removed
-    (a killed worker cannot clean up after itself)."""
+    """This worker's folder for temporary files (scored outputs, uploads, spooled bodies);
+    folders of dead workers are removed (a killed worker cannot clean up after itself)."""
     root = Path(tempfile.gettempdir()) / SCRATCH
     root.mkdir(exist_ok=True)
     for old in root.iterdir():
-        if old.name.isdigit() and not _alive(int(old.name)):
+        if old.name.isdigit() and not psutil.pid_exists(int(old.name)):
             shutil.rmtree(old, ignore_errors=True)
     mine = root / str(os.getpid())
     mine.mkdir(exist_ok=True)

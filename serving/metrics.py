@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
-from prometheus_client import Counter, Gauge, Histogram
+import psutil
+from prometheus_client import Counter, Gauge, Histogram, multiprocess
 
 ROWS_SCORED = Counter("fraud_rows_scored_total", "Transactions scored")
 ROWS_FLAGGED = Counter("fraud_rows_flagged_total", "Transactions at or above the threshold")
@@ -50,6 +53,8 @@ MODEL_INFO = Gauge(
     # to its version and training run (MLflow tag model_md5).
     # runtime: onnx (the verified compiled model) or sklearn.
     ["model_tag", "registered_model", "model_md5", "model_family", "train_data_md5", "runtime"],
+    # One series for the service, not one per worker pid (dead ones included).
+    multiprocess_mode="livemax",
 )
 
 
@@ -104,3 +109,20 @@ def _observe_many(histogram: Histogram, values: np.ndarray) -> None:
         if count:
             bucket.inc(int(count))
     histogram._sum.inc(float(np.sum(values)))
+
+
+def forget_dead_processes() -> list[int]:
+    """Drop the live-gauge files of worker processes that are gone.
+
+    prometheus_client only does this when a process says it is dying; a worker killed
+    with -9 cannot, so its drift gauges kept firing FraudScoreDrift and BentoML's
+    request_in_progress stayed stuck. A worker calls this when it starts (the arbiter
+    starts one in place of a dead one)."""
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not directory:
+        return []
+    pids = {int(f.stem.rsplit("_", 1)[1]) for f in Path(directory).glob("gauge_live*_*.db")}
+    dead = sorted(pid for pid in pids if not psutil.pid_exists(pid))
+    for pid in dead:
+        multiprocess.mark_process_dead(pid, directory)
+    return dead

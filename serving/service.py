@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 import time
 import uuid
 from concurrent.futures.process import BrokenProcessPool
@@ -180,6 +181,13 @@ class FraudScoring:
         names = ["model.pkl"] + ([compiled["file"]] if compiled else [])
         files = {name: self.model_ref.path_of(name) for name in names}
         self.lane = FileLane(CONTRACT, files, SETTINGS)
+        # Every temporary file of this worker (BentoML's uploads, spooled bodies, scored
+        # outputs) goes in its own folder, which the next worker removes if this one is
+        # killed; the metrics of killed workers are dropped the same way.
+        tempfile.tempdir = str(self.lane.scratch)
+        dead = metrics.forget_dead_processes()
+        if dead:
+            log.info("dropped the live gauges of %d dead worker(s)", len(dead))
 
     def _reject(self, ctx: bentoml.Context, exc: RequestError, request_id: str) -> Response:
         metrics.VALIDATION_FAILURES.labels(reason=exc.body["rule"]).inc()

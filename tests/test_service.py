@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -586,3 +590,79 @@ def test_corrupt_model_fails_fast(built, tmp_path) -> None:
     assert time.perf_counter() - started < 60
     lines = [line for line in result.stderr.splitlines() if "is corrupt or replaced" in line]
     assert len(lines) == 1 and str(model_file.name) in lines[0], result.stderr[-2000:]
+
+
+def _workers(root: psutil.Process) -> dict[str, int]:
+    """worker-id -> pid of the BentoML workers under `bentoml serve`."""
+    found = {}
+    for process in root.children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            line = process.cmdline()
+            if "--worker-id" in line:
+                found[line[line.index("--worker-id") + 1]] = process.pid
+    return found
+
+
+def test_killed_worker_leaves_nothing_behind(built, test_rows, tmp_path) -> None:
+    """Issue 11.4: after kill -9 of a worker under load, clients get an answer or a clean
+    connection error (never a 5xx or a hang), /readyz answers within 10 s, and once the
+    arbiter has replaced the worker its live gauges, temp folder and model-info series
+    are gone (they kept FraudScoreDrift firing and request_in_progress stuck)."""
+    ws, env = built
+    home = tmp_path / "home"
+    env = {**env, "BENTOML_HOME": str(home)}
+    process, url = start_bento(bento_dir(ws), env, tmp_path / "serve.log")
+    one = {"transactions": _records(test_rows.head(1))}
+    big = pd.concat([test_rows] * 10, ignore_index=True).drop(columns="Class")
+    upload = big.to_csv(index=False).encode()  # over 1 MiB: the file lane, a temp file
+    outcomes: list[str] = []
+    stop_load = threading.Event()
+
+    def load(file: bool) -> None:
+        while not stop_load.is_set():
+            try:
+                if file:
+                    r = requests.post(f"{url}/predict_file", timeout=30,
+                                      files={"file": ("f.csv", upload, "text/csv")})  # fmt: skip
+                else:
+                    r = requests.post(f"{url}/predict", json=one, timeout=30)
+                outcomes.append(str(r.status_code))
+            except requests.ConnectionError:
+                outcomes.append("connection error")
+            except requests.RequestException as exc:  # a hang (timeout) is a failure
+                outcomes.append(type(exc).__name__)
+
+    threads = [threading.Thread(target=load, args=(i == 0,)) for i in range(4)]
+    try:
+        root = psutil.Process(process.pid)
+        for thread in threads:
+            thread.start()
+        time.sleep(3)
+        victim = _workers(root)["1"]
+        os.kill(victim, signal.SIGKILL)
+        killed_at = time.perf_counter()
+        while requests.get(f"{url}/readyz", timeout=5).status_code != 200:
+            time.sleep(0.2)
+        assert time.perf_counter() - killed_at < 10
+        deadline = time.perf_counter() + 90
+        while list(home.rglob(f"gauge_live*_{victim}.db")) and time.perf_counter() < deadline:
+            time.sleep(0.5)  # the replacement worker drops them when it starts
+        assert not list(home.rglob(f"gauge_live*_{victim}.db"))
+        assert _workers(root)["1"] != victim
+        time.sleep(2)
+    finally:
+        stop_load.set()
+        for thread in threads:
+            thread.join(timeout=60)
+    try:
+        assert outcomes and set(outcomes) <= {"200", "connection error"}, set(outcomes)
+        assert _metric(url, "bentoml_service_request_in_progress") == 0
+        info = [
+            line for line in requests.get(f"{url}/metrics", timeout=10).text.splitlines()
+            if line.startswith("fraud_model_info{")
+        ]  # fmt: skip
+        assert len(info) == 1, info
+        scratch = Path(tempfile.gettempdir()) / "fraud_scoring"
+        assert not (scratch / str(victim)).exists()
+    finally:
+        stop(process)
