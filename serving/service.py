@@ -26,7 +26,8 @@ from bentoml.validators import ContentType
 from drift import DriftWindow
 from file_lane import FileLane, score_file_with
 from gate import RequestGate, RouteRule
-from pydantic import BaseModel, ValidationError
+from openapi import PublishedSchema
+from pydantic import BaseModel, StrictFloat, ValidationError
 from runtime import load_runtime
 from scoring import RequestError, score, validate_records
 from settings import Settings
@@ -236,7 +237,7 @@ class FraudScoring:
         self,
         transactions: list[dict[str, Any]],
         ctx: bentoml.Context,
-        threshold: float | None = None,
+        threshold: StrictFloat | None = None,  # true or "0.5" are not thresholds
     ) -> dict[str, Any]:
         """Score a JSON batch: one result per transaction, in input order."""
         request_id = uuid.uuid4().hex[:12]
@@ -271,7 +272,7 @@ class FraudScoring:
         file: Path,
         ctx: bentoml.Context,
         output_format: str = "csv",
-        threshold: float | None = None,
+        threshold: StrictFloat | None = None,  # true or "0.5" are not thresholds
     ) -> Annotated[Path, ContentType("text/csv")]:
         """Score an uploaded CSV or Parquet file; return it with the score columns added."""
         request_id = uuid.uuid4().hex[:12]
@@ -357,3 +358,4 @@ FraudScoring.add_asgi_middleware(
     max_in_flight=SETTINGS.max_in_flight,
     on_refused=lambda rule: metrics.VALIDATION_FAILURES.labels(reason=rule).inc(),
 )
+FraudScoring.add_asgi_middleware(PublishedSchema, contract=CONTRACT, settings=SETTINGS)

@@ -1,0 +1,163 @@
+"""The published OpenAPI, made to say what the service really takes and answers.
+
+BentoML derives `/docs.json` from the Python signatures: a transaction is "any object",
+`detail` is a string (BentoML sends an array), and 401/408/413/415/422/429/503 are
+missing while 404 and 500 are listed. A schema-driven fuzzer then never reaches the
+model. Here the contract (columns, ranges) and the settings (limits, API key) are
+written into the document the service publishes.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from starlette.responses import JSONResponse
+
+ERROR = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {"type": "string", "description": "what was wrong, for a person"},
+        "rule": {"type": "string", "description": "the rule broken, for a program"},
+        "column": {"type": "string"},
+        "rows": {
+            "type": "array",
+            "items": {"type": "integer", "minimum": 0},
+            "description": "0-based positions of the first offending rows",
+        },  # fmt: skip
+        "request_id": {"type": "string"},
+        "detail": {
+            "type": "array",
+            "items": {"type": "object"},
+            "description": "request-schema errors found by BentoML",
+        },  # fmt: skip
+    },
+}
+STATUSES = {
+    "400": "a rule of the contract or of the request format is broken (see rule)",
+    "401": "missing or wrong API key (only when FRAUD_API_KEY is set)",
+    "408": "the body did not arrive within FRAUD_BODY_TIMEOUT_S",
+    "413": "over a size limit: bytes, rows or decompressed size",
+    "415": "a content type or file type this route does not take",
+    "422": "a value outside the model's valid range",
+    "429": "all scoring slots are busy; retry after Retry-After seconds",
+}
+THRESHOLD = {  # OpenAPI 3.0 (BentoML's): `nullable`, not a type list
+    "type": "number",
+    "nullable": True,
+    "minimum": 0,
+    "maximum": 1,
+    "description": "decision threshold; the contract's cost-optimal one if absent",
+}
+
+
+def transaction_schema(contract: dict[str, Any], unknown_columns: str) -> dict[str, Any]:
+    """One transaction: every contract column, a number inside its valid range."""
+    properties = {}
+    for spec in contract["features"]:
+        number: dict[str, Any] = {"type": "number"}
+        if spec.get("valid_min") is not None:
+            number["minimum"] = spec["valid_min"]
+        if spec.get("valid_max") is not None:
+            number["maximum"] = spec["valid_max"]
+        properties[spec["name"]] = number
+    return {
+        "type": "object",
+        "required": list(properties),
+        "properties": properties,
+        "additionalProperties": unknown_columns != "reject",
+    }
+
+
+def describe(spec: dict[str, Any], contract: dict[str, Any], settings: Any) -> dict[str, Any]:
+    """`spec` (BentoML's document) with the real request schemas and statuses."""
+    spec = json.loads(json.dumps(spec))  # a copy
+    spec.setdefault("components", {}).setdefault("schemas", {})["Error"] = ERROR
+    predict = spec["paths"]["/predict"]["post"]
+    predict["requestBody"]["required"] = True
+    predict["requestBody"]["content"]["application/json"]["schema"] = {
+        "type": "object",
+        "required": ["transactions"],
+        "properties": {
+            "transactions": {
+                "type": "array",
+                "minItems": 1,
+                "maxItems": settings.max_json_rows,
+                "items": transaction_schema(contract, settings.unknown_columns),
+            },
+            "threshold": THRESHOLD,
+        },
+    }
+    predict["responses"]["200"]["content"]["application/json"]["schema"] = {
+        "type": "object",
+        "required": ["predictions", "threshold", "model_tag", "request_id"],
+        "properties": {
+            "predictions": {"type": "array", "items": {
+                "type": "object",
+                "required": ["fraud_probability", "is_fraud", "risk_band"],
+                "properties": {
+                    "fraud_probability": {"type": "number", "minimum": 0, "maximum": 1},
+                    "is_fraud": {"type": "boolean"},
+                    "risk_band": {"type": "string",
+                                  "enum": [b["name"] for b in contract["risk_bands"]]},
+                },
+            }},
+            "threshold": {"type": "number"},
+            "model_tag": {"type": "string"},
+            "request_id": {"type": "string"},
+            "lineage": {"type": "object"},
+        },
+    }  # fmt: skip
+    upload = spec["paths"]["/predict_file"]["post"]
+    form = upload["requestBody"]["content"]["multipart/form-data"]
+    form["schema"]["properties"]["output_format"] = {"type": "string", "enum": ["csv", "parquet"],
+                                                     "default": "csv"}  # fmt: skip
+    form["schema"]["properties"]["threshold"] = THRESHOLD
+    form["schema"]["additionalProperties"] = False
+    upload["requestBody"]["required"] = True
+    form["schema"]["properties"]["file"]["description"] = (
+        "CSV (the real creditcard.csv format included) or Parquet with the contract's "
+        f"columns; at most {settings.max_rows} rows and {settings.max_bytes} bytes"
+    )
+    upload["responses"]["200"]["content"]["application/vnd.apache.parquet"] = {
+        "schema": {"type": "string", "format": "binary"}
+    }
+    for operation, extra in ((predict, {}), (upload, {"503": "the file scorer restarted"})):
+        responses = operation["responses"]
+        for status in ("404", "500"):  # never for these routes: no 500 is a promise
+            responses.pop(status, None)
+        for status, description in {**STATUSES, **extra}.items():
+            if status == "401" and settings.api_key is None:
+                continue
+            responses[status] = {
+                "description": description,
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+            }
+    if settings.api_key is not None:
+        spec["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        for operation in (predict, upload):
+            operation["security"] = [{"bearer": []}]
+    return spec
+
+
+class PublishedSchema:
+    """ASGI middleware: answers GET /docs.json with describe() of BentoML's document."""
+
+    def __init__(self, app: Any, contract: dict[str, Any], settings: Any) -> None:
+        self.app, self.contract, self.settings = app, contract, settings
+        self.cached: dict[str, Any] | None = None
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope.get("path") != "/docs.json":
+            return await self.app(scope, receive, send)
+        if self.cached is None:
+            body = bytearray()
+
+            async def keep(message: dict) -> None:
+                if message["type"] == "http.response.body":
+                    body.extend(message.get("body", b""))
+
+            await self.app(scope, receive, keep)
+            self.cached = describe(json.loads(body), self.contract, self.settings)
+        await JSONResponse(self.cached)(scope, receive, send)
