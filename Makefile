@@ -15,7 +15,7 @@ export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 export BENTOML_HOME ?= $(CURDIR)/bentoml_home
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup system-deps run pipeline serve ui up down snapshot test lint bench bench-model bench-serving lock clean mlflow-ui push pull
+.PHONY: setup system-deps run pipeline serve ui up down snapshot test test-reliability lint bench bench-model bench-serving lock clean mlflow-ui push pull
 
 setup: $(VENV)/.installed
 
@@ -68,6 +68,15 @@ snapshot: setup
 test: setup system-deps
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+
+# The reliability suite at full size: schemathesis with >= 2,000 cases, a 2-minute soak,
+# the attacks and faults of issue 11; figures in bench/results/reliability.md.
+test-reliability: setup
+	rm -f bench/results/reliability.json
+	FRAUD_FUZZ_EXAMPLES=1000 FRAUD_SOAK_SECONDS=120 \
+	  FRAUD_RELIABILITY_REPORT=$(CURDIR)/bench/results/reliability.json \
+	  $(BIN)/python -m pytest -q -m reliability tests/test_service.py tests/test_serving_validation.py
+	$(BIN)/python bench/reliability.py
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

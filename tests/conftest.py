@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -102,3 +103,19 @@ def build_workspace(base: Path) -> tuple[Path, dict[str, str]]:
     ws, env = small_checkout(base)
     run(["dvc", "repro"], ws, env)
     return ws, env
+
+
+@pytest.fixture
+def reliability(request: pytest.FixtureRequest):
+    """record(**figures): what a reliability test measured, kept in the JSON file named
+    by FRAUD_RELIABILITY_REPORT (`make test-reliability` renders it as a table)."""
+    target = os.environ.get("FRAUD_RELIABILITY_REPORT")
+
+    def record(**figures: object) -> None:
+        if target:
+            path = Path(target)
+            runs = json.loads(path.read_text()) if path.exists() else {}
+            runs[request.node.name] = figures
+            path.write_text(json.dumps(runs, indent=2) + "\n")
+
+    return record

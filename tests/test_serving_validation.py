@@ -78,6 +78,7 @@ def test_same_errors(records, unknown, rule) -> None:
 
 # The mutation corpus of issue 11: client mistakes that were answered with 500 or
 # scored anyway. Each must now be a 4xx naming the rule (and the column and rows).
+@pytest.mark.reliability
 @pytest.mark.parametrize(
     ("records", "status", "rule", "column", "rows"),
     [
@@ -120,6 +121,7 @@ ROWS = pd.DataFrame([GOOD, {**GOOD, "Time": 2.0}, {**GOOD, "Time": 3.0}])
 TABLE = pa.Table.from_pandas(ROWS, preserve_index=False)
 
 
+@pytest.mark.reliability
 @pytest.mark.parametrize(
     ("name", "data", "status", "rule", "column"),
     [
@@ -190,6 +192,7 @@ def test_file_mistakes_are_named(name, data, status, rule, column) -> None:
     assert caught.value.body.get("column") == column
 
 
+@pytest.mark.reliability
 def test_parquet_bomb_refused_from_its_footer(monkeypatch) -> None:
     """A small file whose text inflates past the cap is refused before decompressing."""
     monkeypatch.setattr(scoring, "MAX_DECOMPRESSED_BYTES", 10 * 1024 * 1024)
@@ -200,6 +203,7 @@ def test_parquet_bomb_refused_from_its_footer(monkeypatch) -> None:
     assert (caught.value.status, caught.value.body["rule"]) == (413, "max-decompressed-bytes")
 
 
+@pytest.mark.reliability
 def test_csv_output_defuses_spreadsheet_formulas() -> None:
     """OWASP CSV injection: text the client sent comes back unable to run as a formula;
     numbers (negative ones included) are untouched."""
