@@ -155,34 +155,14 @@ def validate(
     max_rows: int | None = None,
 ) -> pd.DataFrame:
     """Return the model's input (contract columns, float64) or raise RequestError."""
-    if len(frame) == 0:
-        raise RequestError(400, "empty-batch", "the batch has no transactions")
     if max_rows is not None and len(frame) > max_rows:
         raise RequestError(
             413, "max-rows", f"the batch has {len(frame)} rows; the limit is {max_rows} per request"
         )
+    for problem in _shape_problems(frame, contract, unknown_columns):
+        raise problem
     features = contract["features"]
     names = [f["name"] for f in features]
-    missing = [n for n in names if n not in frame.columns]
-    if missing:
-        raise RequestError(
-            400,
-            "missing-columns",
-            f"required columns are missing: {', '.join(missing)}",
-            column=missing[0],
-        )
-    unknown = [
-        str(c)
-        for c in frame.columns
-        if c not in names and c not in contract.get("ignored_columns", [])
-    ]
-    if unknown and unknown_columns == "reject":
-        raise RequestError(
-            400,
-            "unknown-columns",
-            f"columns not in the model's contract: {', '.join(unknown)}",
-            column=unknown[0],
-        )
     # One matrix and whole-matrix checks: per-column pandas calls cost ~5 ms for a single
     # row, half of a one-transaction request. Only a failing batch is checked column by
     # column, to name the first broken column (in contract order) and its rows.
@@ -192,6 +172,47 @@ def validate(
         first = int(np.flatnonzero(~good.all(axis=0))[0])
         _explain(frame[names[first]], matrix[:, first], features[first])
     return pd.DataFrame(matrix, columns=names)
+
+
+def _shape_problems(
+    frame: pd.DataFrame, contract: dict[str, Any], unknown_columns: str
+) -> list[RequestError]:
+    """What is wrong with the batch as a whole: no rows, missing or unknown columns."""
+    if len(frame) == 0:
+        return [RequestError(400, "empty-batch", "the batch has no transactions")]
+    names = [f["name"] for f in contract["features"]]
+    found = []
+    missing = [n for n in names if n not in frame.columns]
+    if missing:
+        message = f"required columns are missing: {', '.join(missing)}"
+        found.append(RequestError(400, "missing-columns", message, column=missing[0]))
+    allowed = set(names) | set(contract.get("ignored_columns", []))
+    unknown = [str(c) for c in frame.columns if c not in allowed]
+    if unknown and unknown_columns == "reject":
+        message = f"columns not in the model's contract: {', '.join(unknown)}"
+        found.append(RequestError(400, "unknown-columns", message, column=unknown[0]))
+    return found
+
+
+def problems(
+    frame: pd.DataFrame, contract: dict[str, Any], unknown_columns: str = "ignore"
+) -> list[RequestError]:
+    """Every problem validate() would raise first: the batch's shape, then, per contract
+    column present, the first rule it breaks. For a person fixing a file (the UI lists
+    them all before sending); the service stops at the first."""
+    found = _shape_problems(frame, contract, unknown_columns)
+    if len(frame) == 0:
+        return found
+    for spec in contract["features"]:
+        if spec["name"] not in frame.columns:
+            continue
+        try:
+            values = _floats(frame[spec["name"]], spec["name"])
+            if not _good_values(values[:, None], [spec]).all():
+                _explain(frame[spec["name"]], values, spec)
+        except RequestError as problem:
+            found.append(problem)
+    return found
 
 
 def validate_records(

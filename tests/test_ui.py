@@ -70,9 +70,12 @@ def test_contract_check_names_columns_and_rows(contract) -> None:
     bad.loc[[0, 6], "V5"] = "x"
     bad.loc[3, "Amount"] = -1
     problems = client.check_against_contract(bad, contract)
-    assert "Missing columns: V2." in problems
-    assert "Column V5 is not a number in rows 1, 7." in problems
-    assert "Column Amount is below 0 in rows 4." in problems
+    # The service's own check and words, every problem at once, rows counted from 1.
+    assert "required columns are missing: V2." in problems
+    assert "'V5' must be a number (data rows 1, 7)." in problems
+    amount = next(p for p in problems if p.startswith("'Amount'"))
+    assert "outside the model's valid range [0.0" in amount and amount.endswith("(data rows 4).")
+    assert len(problems) == 3
 
 
 def test_chunks_match_single_request(service, contract) -> None:
@@ -226,7 +229,7 @@ def test_app_refuses_a_bad_file_before_sending(service) -> None:
     at.session_state["source"] = ("bad.csv", bad.to_csv(index=False).encode())
     at.run()
     errors = " ".join(e.value for e in at.error)
-    assert "not sent" in errors and "Missing columns: Amount." in errors
+    assert "not sent" in errors and "required columns are missing: Amount." in errors
     assert not at.metric
 
 

@@ -60,8 +60,8 @@ def _broken(good: pd.DataFrame, column: str, rows: list[int], value: object) -> 
         ("V3", "abc", "numeric"),
         ("V7", np.nan, "missing-values"),
         ("V9", np.inf, "finite"),
-        ("Amount", -3.5, "non-negative"),
-        ("Time", -1.0, "non-negative"),
+        ("Amount", -3.5, "range"),  # the service's rule names: one contract check
+        ("Time", -1.0, "range"),
         ("Class", 2, "binary-label"),
     ],
 )

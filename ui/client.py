@@ -4,9 +4,11 @@ numbers shown for a threshold. HTTP only; the model never loads here."""
 from __future__ import annotations
 
 import io
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,8 +19,13 @@ from sklearn.metrics import precision_recall_curve
 from urllib3.exceptions import MaxRetryError, ReadTimeoutError
 from urllib3.util import Retry
 
-EXAMPLE_ROWS = 5
 RETRIES = 3
+
+# The contract check is the service's own module (it needs only numpy, pandas, pyarrow):
+# the UI refuses a file for exactly the reasons, and with the words, the service would.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "serving"))
+import scoring  # noqa: E402
+
 RETRY_STATUSES = (429, 500, 502, 503, 504)
 
 
@@ -80,42 +87,18 @@ def read_file(name: str, data: bytes) -> pd.DataFrame:
 
 
 def check_against_contract(frame: pd.DataFrame, contract: dict[str, Any]) -> list[str]:
-    """Problems that the service would reject, each naming the column and rows (1-based,
-    as a spreadsheet counts data rows). Empty when the file can be sent."""
-    problems = []
-    if len(frame) == 0:
-        return ["The file has no rows."]
-    names = [f["name"] for f in contract["features"]]
-    missing = [n for n in names if n not in frame.columns]
-    if missing:
-        problems.append(f"Missing columns: {', '.join(missing)}.")
-    for spec in contract["features"]:
-        name = spec["name"]
-        if name not in frame.columns:
-            continue
-        values = pd.to_numeric(frame[name], errors="coerce")
-        numbers = values.to_numpy(dtype="float64")
-        rules = [
-            (values.isna().to_numpy() & frame[name].notna().to_numpy(), "is not a number"),
-            (frame[name].isna().to_numpy(), "is empty"),
-            (np.isinf(numbers), "is infinite"),
-        ]
-        low, high = spec.get("valid_min"), spec.get("valid_max")
-        finite = np.isfinite(numbers)
-        if low is not None:
-            rules.append((finite & (numbers < low), f"is below {low:g}"))
-        if high is not None:
-            rules.append((finite & (numbers > high), f"is above {high:g}"))
-        for mask, rule in rules:
-            if mask.any():
-                rows = ", ".join(str(i + 1) for i in np.flatnonzero(mask)[:EXAMPLE_ROWS])
-                more = (
-                    f" and {int(mask.sum()) - EXAMPLE_ROWS} more"
-                    if mask.sum() > EXAMPLE_ROWS
-                    else ""
-                )
-                problems.append(f"Column {name} {rule} in rows {rows}{more}.")
-    return problems
+    """What the service would refuse in this file, by the service's own contract check
+    (serving/scoring.py), every problem at once. Rows are shown as a spreadsheet counts
+    data rows (from 1); the service's `rows` are the same rows as 0-based positions.
+    Empty when the file can be sent."""
+    unknown = contract.get("limits", {}).get("unknown_columns", "ignore")
+    return [_describe(problem.body) for problem in scoring.problems(frame, contract, unknown)]
+
+
+def _describe(body: dict[str, Any]) -> str:
+    rows = body.get("rows")
+    where = f" (data rows {', '.join(str(r + 1) for r in rows)})" if rows else ""
+    return f"{body['error']}{where}."
 
 
 def chunk_size(contract: dict[str, Any], frame: pd.DataFrame, wanted: int = 50_000) -> int:

@@ -16,6 +16,9 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
+from serving.scoring import RequestError
+from serving.scoring import validate as contract_check
+from stages.lib.contract import NON_NEGATIVE
 from stages.lib.schema import COLUMNS, FEATURES, TARGET
 
 log = logging.getLogger("fraudops.validation")
@@ -69,6 +72,15 @@ def _rows(mask: np.ndarray) -> list[int]:
     return [int(i) + 1 for i in np.flatnonzero(mask)[:EXAMPLE_ROWS]]
 
 
+def _schema_contract(columns: tuple[str, ...]) -> dict:
+    return {
+        "features": [
+            {"name": c, "valid_min": 0.0 if c in NON_NEGATIVE else None, "valid_max": None}
+            for c in columns
+        ]
+    }
+
+
 def validate(
     frame: pd.DataFrame, duplicates: str = "drop", require_target: bool = True
 ) -> tuple[pd.DataFrame, ValidationReport]:
@@ -89,28 +101,16 @@ def validate(
     if extra:
         log.warning("ignoring %d extra columns: %s", len(extra), ", ".join(map(str, extra)))
 
-    clean = {}
-    for column in required:
-        values = pd.to_numeric(frame[column], errors="coerce")
-        bad = values.isna().to_numpy() & frame[column].notna().to_numpy()
-        if bad.any():
-            raise DataValidationError("numeric", "values are not numbers", column, _rows(bad))
-        array = values.to_numpy(dtype="float64")
-        missing_values = np.isnan(array)
-        if missing_values.any():
-            raise DataValidationError(
-                "missing-values", "empty or NaN values", column, _rows(missing_values)
-            )
-        infinite = np.isinf(array)
-        if infinite.any():
-            raise DataValidationError("finite", "infinite values", column, _rows(infinite))
-        clean[column] = array
-    out = pd.DataFrame(clean)
+    # The service's own contract check, with the rules that hold before there is a model:
+    # every value a finite number, Time and Amount >= 0 (the served contract then adds the
+    # training ranges). Rows are reported as data rows counted from 1.
+    try:
+        out = contract_check(frame, _schema_contract(required))
+    except RequestError as problem:
+        body = problem.body
+        rows = [r + 1 for r in body.get("rows", [])]
+        raise DataValidationError(body["rule"], body["error"], body.get("column"), rows) from None
 
-    for column in ("Time", "Amount"):
-        negative = out[column].to_numpy() < 0
-        if negative.any():
-            raise DataValidationError("non-negative", "must be >= 0", column, _rows(negative))
     if require_target:
         labels = out[TARGET].to_numpy()
         not_binary = ~np.isin(labels, (0.0, 1.0))
