@@ -9,15 +9,22 @@ file back. Files queue per worker (one at a time), which also bounds memory.
 
 The child returns plain data (never exceptions: RequestError does not pickle) so the worker
 keeps its metrics and drift window as for any other request.
+
+A file whose client has gone is not worth finishing. A queued one is simply cancelled; a
+running one cannot be (killing the child would break the pool and fail the files queued
+behind it), so the worker leaves a marker file beside the job's output and the child checks
+for it between the steps (read, check, score, write) and gives up at the next one.
 """
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -32,6 +39,9 @@ from scoring import RequestError, read_upload, score, validate, write_table
 NICENESS = 10  # files are background work next to single transactions
 SCRATCH = "fraud_scoring"  # under the system temp dir: one folder per worker pid
 
+# Under "bentoml": the server only prints its own loggers' records (ours were dropped).
+log = logging.getLogger("bentoml.fraud_scoring")
+
 # Set in the child by _start(): the contract, the settings and the runtime.
 _CHILD: dict[str, Any] = {}
 
@@ -45,24 +55,36 @@ def _start(contract: dict[str, Any], files: dict[str, str], settings: Any) -> No
     )
 
 
+def cancel_marker(out_path: str | Path) -> Path:
+    """The file whose presence tells the child to drop the job writing `out_path`."""
+    return Path(f"{out_path}.cancel")
+
+
 def score_file(upload: str, filename: str | None, output_format: str, threshold: float,
                out_path: str) -> dict[str, Any]:  # fmt: skip
-    """In the child: the whole file request."""
+    """In the child: the whole file request, dropped between steps if its client left."""
     return score_file_with(_CHILD["contract"], _CHILD["settings"], _CHILD["runtime"],
-                           upload, filename, output_format, threshold, out_path)  # fmt: skip
+                           upload, filename, output_format, threshold, out_path,
+                           cancel_marker(out_path).exists)  # fmt: skip
 
 
 def score_file_with(contract: dict[str, Any], settings: Any, runtime: Any, upload: str,
                     filename: str | None, output_format: str, threshold: float,
-                    out_path: str) -> dict[str, Any]:  # fmt: skip
+                    out_path: str, cancelled: Callable[[], bool] = lambda: False,
+                    ) -> dict[str, Any]:  # fmt: skip
     """Parse, check, score and write one uploaded file. Returns the outcome as plain data:
-    the error's status and body, or the output's media type and what the metrics need."""
+    the error's status and body, or the output's media type and what the metrics need.
+    `cancelled` is asked between the steps; when it says yes the file is dropped."""
     try:
+        _stop_if(cancelled)  # (the server deletes the upload once the 499 is sent)
         frame = read_upload(Path(upload).read_bytes(), filename)
+        _stop_if(cancelled)
         features = validate(frame, contract, settings.unknown_columns, settings.max_rows)
+        _stop_if(cancelled)
         start = time.perf_counter()
         scored = score(runtime.probability, features, threshold, contract["risk_bands"])
         seconds = time.perf_counter() - start
+        _stop_if(cancelled)
     except RequestError as exc:
         return {"error": exc.status, "body": exc.body}
     result = pd.concat([frame.reset_index(drop=True), scored], axis=1)
@@ -77,6 +99,11 @@ def score_file_with(contract: dict[str, Any], settings: Any, runtime: Any, uploa
         "seconds": seconds,
         "features": drift,
     }
+
+
+def _stop_if(cancelled: Callable[[], bool]) -> None:
+    if cancelled():
+        raise RequestError(499, "client-gone", "the client disconnected")
 
 
 def scratch_dir() -> Path:
@@ -120,6 +147,31 @@ class FileLane:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = self._new_pool()
             return self._pool.submit(*job)
+
+    @staticmethod
+    def drop(job: Future, out_path: str) -> None:
+        """Stop a running job whose client has gone: the child sees the marker at its next
+        step. Whatever it leaves (a marker, or an output if it was past its last step) is
+        removed when the job ends."""
+        marker = cancel_marker(out_path)
+        marker.touch()
+
+        def clean(done: Future) -> None:
+            marker.unlink(missing_ok=True)
+            Path(out_path).unlink(missing_ok=True)
+            if done.cancelled() or done.exception():
+                how = (
+                    f"ended by {type(done.exception()).__name__}"
+                    if not done.cancelled()
+                    else "cancelled"
+                )
+            elif done.result().get("error") == 499:
+                how = "stopped early"
+            else:
+                how = "finished, output discarded"
+            log.info("file lane: %s for request %s (client gone)", how, Path(out_path).stem)
+
+        job.add_done_callback(clean)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -39,7 +39,8 @@ from starlette.routing import Route
 
 import metrics
 
-log = logging.getLogger("fraud_scoring")
+# Under "bentoml": the server only prints its own loggers' records (ours were dropped).
+log = logging.getLogger("bentoml.fraud_scoring")
 
 
 class ClientErrorsWithoutValues(logging.Filter):
@@ -321,17 +322,14 @@ class FraudScoring:
         )
 
     async def _in_lane(self, ctx: bentoml.Context, job: tuple) -> dict[str, Any]:
-        """Run a file job in the lane; drop it while queued if its client has gone."""
+        """Run a file job in the lane. If its client leaves, a queued job is cancelled and a
+        running one is told to stop at its next step (its output is removed either way)."""
         future = self.lane.submit(*job)
         waiting = asyncio.wrap_future(future)
-        while True:
-            done, _ = await asyncio.wait({waiting}, timeout=0.5)
-            if done:
-                break
-            if future.running():
-                continue
+        while not (await asyncio.wait({waiting}, timeout=0.5))[0]:
             if await ctx.request.is_disconnected():
-                future.cancel()
+                if not future.cancel():
+                    self.lane.drop(future, job[-1])
                 raise RequestError(499, "client-gone", "the client disconnected")
         try:
             return waiting.result()

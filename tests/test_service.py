@@ -218,6 +218,59 @@ def test_big_files_are_scored_in_the_file_lane(server, built, model) -> None:
     assert not [f for d in scratch.iterdir() for f in d.glob("*.out")]
 
 
+def _wait_for_log(url: str, text: str, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while text not in LOGS[url].read_text():
+        assert time.monotonic() < deadline, f"no {text!r} in the log within {seconds} s"
+        time.sleep(0.2)
+
+
+@pytest.mark.reliability
+def test_running_file_stops_when_its_client_leaves(server, built) -> None:
+    """Issue 11.7: work for clients that had already disconnected ran to the end. A file
+    the lane has begun is now dropped at its next step: nothing is counted as scored,
+    nothing is left in the scratch folder, and the lane takes the next file."""
+    ws, _ = built
+    rows = pd.read_parquet(ws / "data/split/test.parquet").drop(columns="Class")
+    rows = pd.concat([rows] * (150_000 // len(rows) + 1)).head(150_000)
+    boundary = "leaverb0undary"
+    body = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; '
+        f'filename="big.csv"\r\nContent-Type: text/csv\r\n\r\n'.encode()
+        + rows.to_csv(index=False).encode()
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    host, port = server.removeprefix("http://").split(":")
+    head = (
+        f"POST /predict_file HTTP/1.1\r\nHost: {host}\r\nContent-Length: {len(body)}\r\n"
+        f"Content-Type: multipart/form-data; boundary={boundary}\r\n\r\n"
+    )
+    before = _metric(server, "fraud_rows_scored_total")
+    idle = {p.pid: p.cpu_times().user for p in _lane_processes(server)}
+
+    def lane_work() -> float:  # CPU seconds the lanes spent since (a new lane from 0)
+        return sum(p.cpu_times().user - idle.get(p.pid, 0.0) for p in _lane_processes(server))
+
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(head.encode() + body)
+        deadline = time.monotonic() + 60
+        while lane_work() < 0.5:  # the lane is on it (or starting for it)
+            assert time.monotonic() < deadline, "the lane never started on the file"
+            time.sleep(0.05)
+    _wait_for_log(server, "file lane: stopped early for request")
+    assert _metric(server, "fraud_rows_scored_total") == before
+    scratch = Path(tempfile.gettempdir()) / "fraud_scoring"
+    assert not [f for d in scratch.iterdir() for f in (*d.glob("*.out"), *d.glob("*.cancel"))]
+
+    after = requests.post(
+        f"{server}/predict_file",
+        timeout=120,
+        files={"file": ("next.csv", rows.head(8000).to_csv(index=False).encode(), "text/csv")},
+    )
+    assert after.status_code == 200, after.text
+    assert _metric(server, "fraud_rows_scored_total") - before == 8000
+
+
 @pytest.mark.parametrize(
     ("mutate", "status", "rule", "column", "rows"),
     [
