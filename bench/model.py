@@ -22,7 +22,9 @@ import pandas as pd
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run as a script: `python bench/model.py`
+# Run as a script, sys.path[0] is bench/, where serving.py would shadow the
+# serving package: the repository root replaces it.
+sys.path[0] = str(ROOT)
 from stages.lib.evaluation import choose_threshold, score_metrics  # noqa: E402
 from stages.lib.modeling import fraud_probability, refit_calibrated  # noqa: E402
 from stages.lib.search import run_search  # noqa: E402

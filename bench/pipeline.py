@@ -20,7 +20,9 @@ from pathlib import Path
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# Run as a script, sys.path[0] is bench/, where serving.py would shadow the
+# serving package: the repository root replaces it.
+sys.path[0] = str(Path(__file__).resolve().parents[1])
 from stages.lib.project import copy_checkout  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

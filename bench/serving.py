@@ -32,7 +32,9 @@ import pandas as pd
 import requests
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run as a script: `python bench/serving.py`
+# Run as a script, sys.path[0] is bench/, where serving.py would shadow the
+# serving package: the repository root replaces it.
+sys.path[0] = str(ROOT)
 from stages.lib.project import pipeline_path  # noqa: E402
 from stages.lib.servers import BIN, free_port, start_bento, start_server, stop  # noqa: E402
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -136,3 +140,11 @@ def test_probability_only_models_get_platt_on_log_odds(frame: pd.DataFrame) -> N
     distinct = np.diff(raw[order]) > 1e-12
     assert (np.diff(served[order])[distinct] > 0).all()
     assert oof_p.min() < 1e-3 < oof_p.max()
+
+
+def test_benchmark_script_imports_the_project() -> None:
+    """`python bench/model.py` runs with bench/ first on sys.path, where bench/serving.py
+    once shadowed the serving package the validation imports (make bench-model broke)."""
+    script = Path(__file__).resolve().parents[1] / "bench" / "model.py"
+    done = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
