@@ -15,7 +15,7 @@ export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 export BENTOML_HOME ?= $(CURDIR)/bentoml_home
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup system-deps run pipeline serve ui up down snapshot test test-reliability lint bench bench-model bench-serving lock clean mlflow-ui push pull
+.PHONY: setup system-deps run pipeline serve ui up down snapshot test test-reliability lint bench bench-model bench-serving lock clean mlflow-ui push pull k8s-manifests image
 
 setup: $(VENV)/.installed
 
@@ -102,6 +102,18 @@ pull: setup
 # Model quality on the real first day (../shared/, skipped when absent) and the synthetic data.
 bench-model: setup
 	$(BIN)/python bench/model.py
+
+# deploy/k8s's copies of monitoring/'s alert rules and dashboards (a test keeps them equal).
+k8s-manifests: setup
+	$(BIN)/python deploy/k8s/render.py
+
+# The service's container image, from the Bento's generated Dockerfile. Needs a Docker
+# engine (none on the CI machines): push it where your cluster pulls from.
+IMAGE ?= fraud-scoring:latest
+image:
+	@test -f "$(BENTO_DIR)/bento.yaml" || { echo "no Bento yet: run 'make pipeline' first"; exit 1; }
+	@command -v docker >/dev/null || { echo "image: needs Docker (docker build -f $(BENTO_DIR)/env/docker/Dockerfile $(BENTO_DIR))"; exit 1; }
+	docker build -t $(IMAGE) -f $(BENTO_DIR)/env/docker/Dockerfile $(BENTO_DIR)
 
 mlflow-ui: setup
 	$(BIN)/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host 127.0.0.1 --port 5000

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -119,3 +120,14 @@ def reliability(request: pytest.FixtureRequest):
             path.write_text(json.dumps(runs, indent=2) + "\n")
 
     return record
+
+
+def system_tool(name: str) -> str:
+    """The path of a system program the tests drive for real (promtool, kubectl); missing,
+    the test skips, except in CI, where .ci/run must have installed it."""
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{name} is required in CI (make system-deps installs it)")
+        pytest.skip(f"{name} not installed (see make system-deps)")
+    return path

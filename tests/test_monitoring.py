@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -16,23 +15,23 @@ import requests
 from monitoring.snapshot import panel_queries, render
 from monitoring.stack import prometheus_command, prometheus_config
 
-from .conftest import ROOT, bento_dir, build_workspace, free_port, start_bento, start_server, stop
+from .conftest import (
+    ROOT,
+    bento_dir,
+    build_workspace,
+    free_port,
+    start_bento,
+    start_server,
+    stop,
+    system_tool,
+)
 
 MONITORING = ROOT / "monitoring"
 ARTIFACTS = ROOT / "test-artifacts"
 
 
-def _tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{name} is required in CI (.ci/run installs Debian's prometheus)")
-        pytest.skip(f"{name} not installed (apt-get install -y prometheus)")
-    return path
-
-
 def test_promtool_checks_config_and_rules() -> None:
-    promtool = _tool("promtool")
+    promtool = system_tool("promtool")
     for args in (
         ["check", "config", str(MONITORING / "prometheus.yml")],
         ["check", "rules", str(MONITORING / "alerts.yml")],
@@ -58,7 +57,7 @@ def test_dashboard_is_provisionable() -> None:
 class TestLiveStack:
     @pytest.fixture(scope="class")
     def stack(self, tmp_path_factory) -> Iterator[dict]:
-        prometheus = _tool("prometheus")
+        prometheus = system_tool("prometheus")
         base = tmp_path_factory.mktemp("monitoring")
         ws, env = build_workspace(base)
         # A small drift window so one shifted batch shows in the gauge.

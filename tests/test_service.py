@@ -68,8 +68,13 @@ def guarded(built, tmp_path_factory) -> Iterator[str]:
         "FRAUD_BODY_TIMEOUT_S": "3",
         "FRAUD_MAX_IN_FLIGHT": "4",
         "FRAUD_MAX_JSON_BYTES": "200000",
+        # As in a container (deploy/k8s sets 0.0.0.0): the address comes from BENTOML_HOST,
+        # not the service's default 127.0.0.1. 127.0.0.2 is loopback too, and proves it.
+        "BENTOML_HOST": "127.0.0.2",
     }
-    process, url = start_bento(bento_dir(ws), env, tmp_path_factory.mktemp("logs") / "guarded.log")
+    log = tmp_path_factory.mktemp("logs") / "guarded.log"
+    process, url = start_bento(bento_dir(ws), env, log, host=None)
+    assert url.startswith("http://127.0.0.2:")
     yield url
     stop(process)
 
@@ -444,6 +449,26 @@ def test_metrics_move(server, test_rows) -> None:
         assert name in text, name
     # The bulk histogram update agrees with a plain count: one observation per row.
     assert _metric(server, "fraud_probability_count") == _metric(server, "fraud_rows_scored_total")
+
+
+def test_kubernetes_manifests_fit_the_served_bento(guarded, built) -> None:
+    """deploy/k8s against the real thing: the address comes from BENTOML_HOST (the guarded
+    server was started that way, on 127.0.0.2, and nothing answers on 127.0.0.1), the
+    probes' paths answer, and the container port is the one the Bento's Dockerfile exposes."""
+    from tests.test_k8s import build, by_kind
+
+    port = int(guarded.rsplit(":", 1)[1])
+    with pytest.raises(ConnectionRefusedError), socket.create_connection(("127.0.0.1", port)):
+        pass
+    container = by_kind(build("production"))["Deployment"]["spec"]["template"]["spec"][
+        "containers"
+    ][0]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        answer = requests.get(guarded + container[probe]["httpGet"]["path"], timeout=10)
+        assert answer.status_code == 200, (probe, answer.text)
+    dockerfile = (bento_dir(built[0]) / "env" / "docker" / "Dockerfile").read_text()
+    exposed = re.search(r"^# Default port for BentoServer\nEXPOSE (\d+)", dockerfile, re.M)
+    assert exposed and int(exposed.group(1)) == container["ports"][0]["containerPort"]
 
 
 def test_schema_and_probes(server, built) -> None:

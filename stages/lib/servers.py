@@ -60,13 +60,17 @@ def bento_dir(workspace: Path) -> Path:
 
 
 def start_bento(
-    bento: Path | str, env: dict[str, str], log_path: Path
+    bento: Path | str, env: dict[str, str], log_path: Path, host: str | None = "127.0.0.1"
 ) -> tuple[subprocess.Popen, str]:
-    """`bentoml serve` a Bento folder (or tag) on a free loopback port; return the process
-    and base URL."""
+    """`bentoml serve` a Bento folder (or tag) on a free port; return the process and base
+    URL. With host None the address comes from env's BENTOML_HOST, as in a container."""
     port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    args = [str(BIN / "bentoml"), "serve", str(bento), "--host", "127.0.0.1", "--port", str(port)]
+    args = [str(BIN / "bentoml"), "serve", str(bento), "--port", str(port)]
+    if host is None:
+        host = env["BENTOML_HOST"]
+    else:
+        args += ["--host", host]
+    url = f"http://{host}:{port}"
     return start_server(args, env, log_path, f"{url}/readyz"), url
 
 
