@@ -15,7 +15,7 @@ export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 export BENTOML_HOME ?= $(CURDIR)/bentoml_home
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup system-deps run pipeline serve ui up down snapshot test test-reliability lint bench bench-model bench-serving lock clean mlflow-ui push pull k8s-manifests image
+.PHONY: setup system-deps run pipeline serve ui up down snapshot test test-reliability lint bench bench-model bench-serving lock clean mlflow-ui push pull k8s-manifests image mlflow-server
 
 setup: $(VENV)/.installed
 
@@ -56,6 +56,12 @@ up: setup system-deps
 
 down:
 	$(BIN)/python -m monitoring.stack down
+	$(BIN)/python deploy/mlflow_server.py down
+
+# MLflow for a team: PostgreSQL (under .run/postgres) behind `mlflow server` on
+# 127.0.0.1:5001; then `export MLFLOW_TRACKING_URI=http://127.0.0.1:5001`. `make down` stops it.
+mlflow-server: setup
+	$(BIN)/python deploy/mlflow_server.py up $(if $(ARTIFACTS),--artifacts-destination $(ARTIFACTS))
 
 ui: setup
 	$(BIN)/streamlit run ui/app.py --server.address $(HOST) --server.port 8501 \

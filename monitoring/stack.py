@@ -154,19 +154,25 @@ def up() -> None:
         print(f"{name:10s} {base:26s} {state}")
 
 
+def stop_tracked(pid_file: Path) -> None:
+    """Stop the process group whose leader's pid is in `pid_file` (TERM, then KILL after
+    10 s), and remove the file."""
+    pid = int(pid_file.read_text())
+    if _alive(pid):
+        os.killpg(pid, signal.SIGTERM)
+        for _ in range(40):
+            if not _alive(pid):
+                break
+            time.sleep(0.25)
+        else:
+            os.killpg(pid, signal.SIGKILL)
+        print(f"{pid_file.stem}: stopped (pid {pid})")
+    pid_file.unlink()
+
+
 def down() -> None:
     for pid_file in sorted(RUN.glob("*.pid")):
-        pid = int(pid_file.read_text())
-        if _alive(pid):
-            os.killpg(pid, signal.SIGTERM)
-            for _ in range(40):
-                if not _alive(pid):
-                    break
-                time.sleep(0.25)
-            else:
-                os.killpg(pid, signal.SIGKILL)
-            print(f"{pid_file.stem}: stopped (pid {pid})")
-        pid_file.unlink()
+        stop_tracked(pid_file)
 
 
 if __name__ == "__main__":
