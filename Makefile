@@ -15,7 +15,7 @@ export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 export BENTOML_HOME ?= $(CURDIR)/bentoml_home
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup system-deps run pipeline serve ui up down snapshot test test-reliability lint bench bench-model bench-serving lock clean mlflow-ui push pull k8s-manifests image mlflow-server
+.PHONY: setup system-deps run pipeline serve ui up down snapshot test test-reliability lint bench bench-model bench-serving bench-scale lock clean mlflow-ui push pull k8s-manifests image mlflow-server score
 
 setup: $(VENV)/.installed
 
@@ -25,15 +25,16 @@ $(VENV)/.installed: requirements.lock
 	touch $@
 
 # Debian packages the tests drive for real: Prometheus (+ promtool), Chromium and its
-# driver. Needs root and apt; elsewhere it says what is missing, and the tests that need
-# them skip (in CI they fail).
-SYSTEM_TOOLS := prometheus promtool chromium chromedriver
+# driver, and Java for Spark (the machine image has Java 17). Needs root and apt;
+# elsewhere it says what is missing, and the tests that need them skip (in CI they fail).
+SYSTEM_TOOLS := prometheus promtool chromium chromedriver java
+SYSTEM_PACKAGES := prometheus chromium chromium-driver openjdk-17-jre-headless
 system-deps:
 	@missing=""; for t in $(SYSTEM_TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
 	if [ -z "$$missing" ]; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q prometheus chromium chromium-driver; \
-	else echo "system-deps: missing$$missing (Debian: apt-get install prometheus chromium chromium-driver)"; fi
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(SYSTEM_PACKAGES); \
+	else echo "system-deps: missing$$missing (Debian: apt-get install $(SYSTEM_PACKAGES))"; fi
 
 pipeline: setup
 	$(BIN)/dvc repro
@@ -57,6 +58,12 @@ up: setup system-deps
 down:
 	$(BIN)/python -m monitoring.stack down
 	$(BIN)/python deploy/mlflow_server.py down
+
+# Batch scoring with Spark from the registry: make score INPUT='data/incoming/*.csv' OUT=scored
+# [MODEL=models:/fraud-detector@candidate] [MASTER=spark://host:7077]. See batch/score.py.
+score: setup
+	@test -n "$(INPUT)" -a -n "$(OUT)" || { echo "usage: make score INPUT='<files or glob>' OUT=<folder>"; exit 1; }
+	$(BIN)/python -m batch.score $(INPUT) --out $(OUT) $(if $(MODEL),--model $(MODEL)) $(if $(MASTER),--master $(MASTER))
 
 # MLflow for a team: PostgreSQL (under .run/postgres) behind `mlflow server` on
 # 127.0.0.1:5001; then `export MLFLOW_TRACKING_URI=http://127.0.0.1:5001`. `make down` stops it.
@@ -106,6 +113,10 @@ pull: setup
 	$(BIN)/dvc pull
 
 # Model quality on the real first day (../shared/, skipped when absent) and the synthetic data.
+# Spark local, pandas and the service on the same 1M rows: bench/results/scale.md.
+bench-scale: setup
+	$(BIN)/python bench/scale.py
+
 bench-model: setup
 	$(BIN)/python bench/model.py
 

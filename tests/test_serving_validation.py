@@ -214,3 +214,27 @@ def test_csv_output_defuses_spreadsheet_formulas() -> None:
     assert (back["V1"] == -2.5).all()
     parquet, _ = scoring.write_table(frame, "parquet")  # Parquet keeps values as they are
     assert pd.read_parquet(io.BytesIO(parquet))["note"].tolist() == frame["note"].tolist()
+
+
+def test_row_rules_name_what_validate_raises_per_row() -> None:
+    """Batch jobs set rows aside with row_rules(); each row's rule, column and message are
+    what validate() raises for that row alone. Text columns, as a CSV read as text gives."""
+    rows = [
+        dict.fromkeys(FEATURES, "1.5"),
+        {**dict.fromkeys(FEATURES, "1.5"), "V3": "abc"},
+        {**dict.fromkeys(FEATURES, "1.5"), "Amount": None},
+        {**dict.fromkeys(FEATURES, "1.5"), "V1": "inf"},
+        {**dict.fromkeys(FEATURES, "1.5"), "Time": "-5"},
+        {**dict.fromkeys(FEATURES, "1.5"), "V2": "-1e9", "V5": "x"},  # first in contract order
+    ]
+    frame = pd.DataFrame(rows, dtype="str")
+    matrix, rules, columns = scoring.row_rules(frame, CONTRACT)
+    assert matrix.shape == (6, len(FEATURES)) and matrix[0].tolist() == [1.5] * len(FEATURES)
+    assert rules[0] is None and columns[0] is None
+    for i in range(1, len(rows)):
+        with pytest.raises(scoring.RequestError) as raised:
+            scoring.validate(frame.iloc[[i]].reset_index(drop=True), CONTRACT)
+        body = raised.value.body
+        assert (rules[i], columns[i]) == (body["rule"], body["column"])
+        assert scoring.rule_message(rules[i], columns[i], CONTRACT) == body["error"]
+    assert list(rules[1:]) == ["numeric", "missing-values", "finite", "range", "range"]

@@ -7,7 +7,10 @@ reruns, and package can check that the registry's champion is the file evaluate 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,3 +148,63 @@ def tag_version(
             client.set_model_version_tag(name, version.version, key, value)
         for key, value in (metrics or {}).items():
             client.log_metric(version.run_id, key, value)
+
+
+CONTRACT_TAG = "contract"  # a version's tag: the run artifact holding its serving contract
+
+
+def attach_contract(name: str, md5: str, contract: bytes) -> str:
+    """Log the serving contract of this model file to its run and point its registered
+    version at it, so a job scoring from the registry (batch/) checks rows exactly as the
+    service does. Named by its md5: a new contract for the same model adds a file."""
+    client = MlflowClient()
+    path = f"contracts/{hashlib.md5(contract).hexdigest()}.json"
+    for version in client.search_model_versions(f"name = '{name}' and tags.model_md5 = '{md5}'"):
+        client.log_text(version.run_id, contract.decode(), path)
+        client.set_model_version_tag(name, version.version, CONTRACT_TAG, path)
+    return path
+
+
+@dataclass(frozen=True)
+class RegisteredModel:
+    """A registered version's model file and serving contract, both checked by md5."""
+
+    name: str
+    version: int
+    md5: str
+    model_file: Path
+    contract: dict[str, Any]
+
+
+def resolve(uri: str) -> RegisteredModel:
+    """`models:/name@alias` or `models:/name/version` to its checked model and contract."""
+    match = re.fullmatch(r"models:/([^/@]+)(?:@([\w-]+)|/(\d+))", uri)
+    if match is None:
+        raise LookupError(f"'{uri}' is not models:/<name>@<alias> or models:/<name>/<version>")
+    name, alias, number = match.groups()
+    client = MlflowClient()
+    try:
+        version = (
+            client.get_model_version_by_alias(name, alias)
+            if alias
+            else client.get_model_version(name, number)
+        )
+    except MlflowException as exc:
+        raise LookupError(f"{uri}: not in the registry at {mlflow.get_tracking_uri()}") from exc
+    md5, contract_path = version.tags.get("model_md5"), version.tags.get(CONTRACT_TAG)
+    if md5 is None or contract_path is None:
+        raise LookupError(
+            f"{name} v{version.version} has no serving contract: only a version the package "
+            "stage has built a Bento for can be scored (run `dvc repro` with it as champion)"
+        )
+    folder = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version.version}"))
+    if file_md5(folder / MODEL_ARTIFACT) != md5:
+        raise LookupError(f"the registry's file for {name} v{version.version} fails its md5")
+    local = Path(
+        mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path=contract_path)
+    )
+    if f"contracts/{file_md5(local)}.json" != contract_path:
+        raise LookupError(f"the contract of {name} v{version.version} fails its md5")
+    return RegisteredModel(
+        name, int(version.version), md5, folder / MODEL_ARTIFACT, json.loads(local.read_text())
+    )
