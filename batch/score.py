@@ -13,6 +13,7 @@ md5. Each input file is a partition `batch=<file name>` of two Parquet datasets:
     <out>/rejects/  rows that broke a contract rule: reject_rule, reject_column, reject_reason
                     and raw_record (the values as read) instead of the scores
     <out>/_summary.json   rows, scored, flagged and rejected per rule and per file; time
+                          (seconds, of which spark_start_seconds before the first read)
 
 A rerun over the same files replaces their partitions and leaves other files' partitions
 alone (dynamic partition overwrite), so it is idempotent. A file with no rejects this
@@ -183,6 +184,7 @@ def run_job(
     log.info("model %s v%d (md5 %s), threshold %.4f", model.name, model.version, model.md5,
              contract["threshold"])  # fmt: skip
     spark = spark_session(master, conf)
+    spark_start = time.monotonic() - started
     try:
         with tempfile.TemporaryDirectory() as scratch:
             spark.sparkContext.addPyFile(str(code_zip(Path(scratch))))
@@ -227,6 +229,7 @@ def run_job(
                 rejected.write.mode("overwrite").partitionBy("batch").parquet(f"{target}/rejects")
             scored.unpersist()
             summary = _summary(counts, model, contract, inputs, master, started)
+            summary["spark_start_seconds"] = round(spark_start, 1)
             _write_text(spark, f"{target}/_summary.json", json.dumps(summary, indent=2) + "\n")
             return summary
     finally:
