@@ -126,7 +126,8 @@ def read_inputs(spark, paths: list[str], fmt: str):
     )
 
 
-def check_inputs(frame, features: list[str]) -> None:
+def check_inputs(frame, features: list[str]) -> list[str]:
+    """The input files, once the columns and file names are fit to score."""
     from batch.worker import ADDED
     from serving.scoring import OUTPUT_COLUMNS
 
@@ -142,6 +143,7 @@ def check_inputs(frame, features: list[str]) -> None:
     clashes = sorted({n for n in names if names.count(n) > 1})
     if clashes:
         raise JobError(f"input files share a name (one partition each): {', '.join(clashes)}")
+    return files
 
 
 def _on_executor(
@@ -192,8 +194,7 @@ def run_job(
             spark.sparkContext.addPyFile(str(code_zip(Path(scratch))))
             spark.sparkContext.addFile(str(model.model_file))
             frame = read_inputs(spark, inputs, fmt)
-            check_inputs(frame, features)
-            files = frame.inputFiles()
+            files = check_inputs(frame, features)
             log.info("%d %s file(s) to score with Spark %s on %s", len(files), fmt,
                      spark.version, master)  # fmt: skip
             schema = output_schema(to_arrow_schema(frame.schema), features)

@@ -300,7 +300,12 @@ def _bound(value: float | None, default: float) -> float:
 
 def _explain(raw: pd.Series, array: np.ndarray, spec: dict[str, Any]) -> None:
     """Raise the RequestError for the first rule this column breaks."""
-    name = spec["name"]
+
+    def broken(status: int, rule: str, rows: np.ndarray) -> RequestError:
+        return RequestError(
+            status, rule, _message(rule, spec), column=spec["name"], rows=_first_rows(rows)
+        )
+
     nan = np.isnan(array)
     if pd.api.types.is_object_dtype(raw.dtype):  # JSON: tell a wrong type, a null and a NaN apart
         values = raw.to_numpy()
@@ -308,39 +313,37 @@ def _explain(raw: pd.Series, array: np.ndarray, spec: dict[str, Any]) -> None:
         wrong = np.array([not (v is None or _is_number(v)) for v in values])
         nan = nan & ~wrong & ~empty  # JSON's non-standard NaN: not finite
         if wrong.any():
-            message = f"'{name}' must be a number"
-            raise RequestError(400, "numeric", message, column=name, rows=_first_rows(wrong))
+            raise broken(400, "numeric", wrong)
         if empty.any():
-            message = f"'{name}' is empty or null"
-            raise RequestError(400, "missing-values", message, column=name, rows=_first_rows(empty))
+            raise broken(400, "missing-values", empty)
         array = np.where(nan, np.inf, array)
     elif nan.any():
         not_number = nan & raw.notna().to_numpy()
         if not_number.any():
-            raise RequestError(
-                400, "numeric", f"'{name}' must be a number", column=name,
-                rows=_first_rows(not_number),
-            )  # fmt: skip
-        raise RequestError(
-            400, "missing-values", f"'{name}' is empty or null", column=name,
-            rows=_first_rows(nan),
-        )  # fmt: skip
+            raise broken(400, "numeric", not_number)
+        raise broken(400, "missing-values", nan)
     if np.isinf(array).any():
-        raise RequestError(
-            400, "finite", f"'{name}' must be finite", column=name,
-            rows=_first_rows(np.isinf(array)),
-        )  # fmt: skip
+        raise broken(400, "finite", np.isinf(array))
     low, high = spec.get("valid_min"), spec.get("valid_max")
     outside = np.zeros(len(array), bool)
     if low is not None:
         outside |= array < low
     if high is not None:
         outside |= array > high
-    bounds = f"[{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
-    raise RequestError(
-        422, "range", f"'{name}' is outside the model's valid range {bounds}", column=name,
-        rows=_first_rows(outside),
-    )  # fmt: skip
+    raise broken(422, "range", outside)
+
+
+def _message(rule: str, spec: dict[str, Any]) -> str:
+    name = spec["name"]
+    if rule == "range":
+        low, high = spec.get("valid_min"), spec.get("valid_max")
+        bounds = f"[{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
+        return f"'{name}' is outside the model's valid range {bounds}"
+    return {
+        "missing-values": f"'{name}' is empty or null",
+        "numeric": f"'{name}' must be a number",
+        "finite": f"'{name}' must be finite",
+    }[rule]
 
 
 def row_rules(
@@ -374,16 +377,7 @@ def row_rules(
 
 def rule_message(rule: str, column: str, contract: dict[str, Any]) -> str:
     """The message validate() gives for `rule` broken in `column`."""
-    if rule == "range":
-        spec = next(f for f in contract["features"] if f["name"] == column)
-        low, high = spec.get("valid_min"), spec.get("valid_max")
-        bounds = f"[{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
-        return f"'{column}' is outside the model's valid range {bounds}"
-    return {
-        "missing-values": f"'{column}' is empty or null",
-        "numeric": f"'{column}' must be a number",
-        "finite": f"'{column}' must be finite",
-    }[rule]
+    return _message(rule, next(f for f in contract["features"] if f["name"] == column))
 
 
 def risk_band(probabilities: np.ndarray, bands: list[dict[str, Any]]) -> np.ndarray:
