@@ -111,7 +111,7 @@ def main() -> None:
     import bentoml
     from bentoml.exceptions import NotFound
 
-    from stages.lib.registry import attach_contract, download_model, tag_version
+    from stages.lib.registry import download_model, tag_version
 
     cfg = stage_params("package")["package"]
     with stage_timer("package"):
@@ -174,9 +174,6 @@ def main() -> None:
         pin_creation_times(staging)
         shutil.rmtree(out, ignore_errors=True)
         staging.rename(out)
-        # The contract travels with the registered version too: batch jobs score from
-        # the registry (batch/score.py) and check rows as this Bento's service does.
-        attach_contract(name, md5, contract_bytes)
         check = contract["runtime"]["onnx"] or {}
         tag_version(
             name,
@@ -191,6 +188,9 @@ def main() -> None:
                 for k in ("max_abs_difference", "flipped_decisions", "rows_checked")
                 if k in check
             },
+            # The contract travels with the registered version too: batch jobs score from
+            # the registry (batch/score.py) and check rows as this Bento's service does.
+            contract=contract_bytes,
         )
 
 

@@ -138,31 +138,30 @@ def download_model(name: str, alias: str, expected_md5: str) -> Path:
     return local
 
 
+CONTRACT_TAG = "contract"  # a version's tag: the run artifact holding its serving contract
+
+
 def tag_version(
-    name: str, md5: str, tags: dict[str, str], metrics: dict[str, float] | None = None
+    name: str,
+    md5: str,
+    tags: dict[str, str],
+    metrics: dict[str, float] | None = None,
+    contract: bytes | None = None,
 ) -> None:
-    """Tag the registered version of this model file; log `metrics` to its run."""
+    """Tag the registered version of this model file; log `metrics` to its run. A serving
+    `contract` goes to the run too (named by its md5: a new contract for the same model
+    adds a file) and the version's CONTRACT_TAG points at it, so a job scoring from the
+    registry (batch/) checks rows exactly as the service does."""
     client = MlflowClient()
+    path = contract and f"contracts/{hashlib.md5(contract).hexdigest()}.json"
     for version in client.search_model_versions(f"name = '{name}' and tags.model_md5 = '{md5}'"):
+        if contract:
+            client.log_text(version.run_id, contract.decode(), path)
+            client.set_model_version_tag(name, version.version, CONTRACT_TAG, path)
         for key, value in tags.items():
             client.set_model_version_tag(name, version.version, key, value)
         for key, value in (metrics or {}).items():
             client.log_metric(version.run_id, key, value)
-
-
-CONTRACT_TAG = "contract"  # a version's tag: the run artifact holding its serving contract
-
-
-def attach_contract(name: str, md5: str, contract: bytes) -> str:
-    """Log the serving contract of this model file to its run and point its registered
-    version at it, so a job scoring from the registry (batch/) checks rows exactly as the
-    service does. Named by its md5: a new contract for the same model adds a file."""
-    client = MlflowClient()
-    path = f"contracts/{hashlib.md5(contract).hexdigest()}.json"
-    for version in client.search_model_versions(f"name = '{name}' and tags.model_md5 = '{md5}'"):
-        client.log_text(version.run_id, contract.decode(), path)
-        client.set_model_version_tag(name, version.version, CONTRACT_TAG, path)
-    return path
 
 
 @dataclass(frozen=True)
