@@ -15,7 +15,7 @@ export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 export BENTOML_HOME ?= $(CURDIR)/bentoml_home
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup system-deps run pipeline serve ui up down snapshot test test-reliability lint bench bench-model bench-serving bench-scale lock clean mlflow-ui push pull k8s-manifests image mlflow-server score
+.PHONY: setup system-deps run pipeline serve ui up down snapshot test test-reliability lint bench bench-model bench-ranking bench-serving bench-scale lock clean mlflow-ui push pull k8s-manifests image mlflow-server score
 
 setup: $(VENV)/.installed
 
@@ -119,6 +119,10 @@ bench-scale: setup
 
 bench-model: setup
 	$(BIN)/python bench/model.py
+
+# Do the families rank on the synthetic default as on the real first day? bench/results/ranking.md.
+bench-ranking: setup
+	$(BIN)/python bench/ranking.py
 
 # deploy/k8s's copies of monitoring/'s alert rules and dashboards (a test keeps them equal).
 k8s-manifests: setup
