@@ -99,25 +99,34 @@ def table(rows: list[dict]) -> list[str]:
 
 
 def verdict(rows: list[dict]) -> list[str]:
+    """Per protocol: each synthetic seed, then the mean over seeds, against the real day.
+    One seed is one draw of about 100 test frauds, so the mean is the criterion."""
     real = next((r for r in rows if r["data"] == "real day 1"), None)
-    if real is None:
+    synthetic = [r for r in rows if r is not real]
+    if real is None or not synthetic:
         return []
     out = []
     for protocol in ("single", "rolling"):
 
         def ap(r: dict, f: str, protocol: str = protocol) -> float:
-            return (
-                r["single"]["families"][f]["ap"] if protocol == "single" else r[protocol][f]["mean"]
-            )
+            if protocol == "single":
+                return r["single"]["families"][f]["ap"]
+            return r["rolling"][f]["mean"]
 
         real_order = sorted(FAMILIES, key=lambda f: -ap(real, f))
-        for r in rows:
-            if r is real:
-                continue
-            order = sorted(FAMILIES, key=lambda f: -ap(r, f))
-            gaps = ", ".join(f"{f} {ap(r, f) - ap(real, f):+.3f}" for f in FAMILIES)
+        means = {f: float(np.mean([ap(r, f) for r in synthetic])) for f in FAMILIES}
+        cases = [(r["data"], {f: ap(r, f) for f in FAMILIES}) for r in synthetic]
+        cases.append((f"mean of {len(synthetic)} synthetic seeds", means))
+        for name, aps in cases:
+            order = sorted(FAMILIES, key=lambda f: -aps[f])
+            gaps = ", ".join(f"{f} {aps[f] - ap(real, f):+.3f}" for f in FAMILIES)
             same = "same order" if order == real_order else "order differs"
-            out.append(f"- {protocol}, {r['data']} vs real: {same}; AP minus real: {gaps}")
+            near = all(abs(aps[f] - ap(real, f)) <= 0.05 for f in FAMILIES)
+            label = "time split" if protocol == "single" else "rolling"
+            out.append(
+                f"- {label}, {name} vs real: {same}, "
+                f"{'all' if near else 'not all'} within 0.05 (AP minus real: {gaps})"
+            )
     return out
 
 

@@ -127,7 +127,7 @@ def generate(
     seed: int = 0,
     duplicate_rate: float = DUPLICATE_RATE,
     camouflaged_fraud_share: float = 0.08,
-    fraud_like_legit_share: float = 0.1,
+    fraud_like_legit_share: float = 0.15,
 ) -> pd.DataFrame:
     """Return `n_rows` transactions sorted by Time, columns as in the real file.
 
