@@ -132,7 +132,7 @@ def verdict(rows: list[dict]) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", default="42,7,11", help="synthetic seeds (params.yaml's first)")
+    parser.add_argument("--seeds", default="42,7,11,3,5", help="synthetic generator seeds")
     parser.add_argument("--folds", type=int, default=4, help="forward-chaining folds")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
