@@ -48,6 +48,7 @@ BENTO_DIR = $(shell $(BIN)/python -c 'from stages.lib.project import pipeline_pa
 serve: setup
 	@test -f "$(BENTO_DIR)/bento.yaml" || { echo "no Bento yet: run 'make pipeline' first"; exit 1; }
 	@echo "serving $(BENTO_DIR) on http://$(HOST):$(PORT)"
+	@$(BIN)/python -m stages.lib.served --bento $(BENTO_DIR)
 	exec $(BIN)/bentoml serve $(BENTO_DIR) --host $(HOST) --port $(PORT)
 
 # The whole local stack on loopback (service, Prometheus, UI, Grafana if installed).

@@ -41,7 +41,7 @@ def choose(train: pd.DataFrame, cfg: dict, time_ordered: bool) -> tuple[list[dic
     """The members of the model to fit, and the search summary for metrics/search.json."""
     import mlflow
 
-    from stages.lib.search import run_search
+    from stages.lib.search import SearchCutShort, run_search
 
     family = cfg["model"]
     if family != "auto":
@@ -66,9 +66,12 @@ def choose(train: pd.DataFrame, cfg: dict, time_ordered: bool) -> tuple[list[dic
     search = cfg["search"]
     defaults = {f: dict(cfg[f]) for f in search["families"]}
     start = time.perf_counter()
-    result = run_search(train, search, defaults, int(cfg["seed"]), time_ordered, log_trial)
+    try:
+        result = run_search(train, search, defaults, int(cfg["seed"]), time_ordered, log_trial)
+    except SearchCutShort as exc:  # one line, and the MLflow run ends FAILED
+        log.error("%s", exc)
+        raise SystemExit(1) from None
     mlflow.log_metric("search_seconds", time.perf_counter() - start)
-    mlflow.set_tag("search_complete", str(result.complete))
     summary = {
         "chosen": result.name,
         "cv_average_precision": result.cv_average_precision,

@@ -54,6 +54,20 @@ def run(
     return result
 
 
+def stale_stages(workspace: Path, env: dict[str, str]) -> dict:
+    """`dvc status --json` of a checkout, less the champion stage's standing "always
+    changed": it asks the registry on every run (see dvc.yaml), so DVC always lists it."""
+    status = json.loads(run(["dvc", "status", "--json"], workspace, env).stdout)
+    if status.get("champion") == ["always changed"]:
+        del status["champion"]
+    return status
+
+
+def ran_stages(output: str) -> list[str]:
+    """The stages a `dvc repro` ran, in order, from its output."""
+    return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")]
+
+
 def set_params(workspace: Path, **changes: object) -> None:
     path = workspace / "params.yaml"
     params = yaml.safe_load(path.read_text())

@@ -18,7 +18,18 @@ import yaml
 from stages.lib.modeling import load_model
 from stages.lib.project import file_md5
 
-from .conftest import GIT_ID, ROOT, bento_dir, build_workspace, run, set_params, start_bento, stop
+from .conftest import (
+    GIT_ID,
+    ROOT,
+    bento_dir,
+    build_workspace,
+    ran_stages,
+    run,
+    set_params,
+    stale_stages,
+    start_bento,
+    stop,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -26,10 +37,6 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
     return build_workspace(tmp_path_factory.mktemp("pipeline"))
-
-
-def _ran(output: str) -> list[str]:
-    return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")]
 
 
 def test_repro_builds_every_output(workspace) -> None:
@@ -64,7 +71,7 @@ def test_repro_builds_every_output(workspace) -> None:
     text = json.dumps(contract)
     assert registry["candidate_run_id"] not in text and "git_commit" not in text
     lock = yaml.safe_load((ws / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"prepare", "split", "train", "evaluate", "package"}
+    assert set(lock["stages"]) == {"prepare", "split", "train", "evaluate", "champion", "package"}
 
     show = run(["dvc", "metrics", "show", "--json"], ws, env).stdout
     assert "average_precision" in show
@@ -122,22 +129,28 @@ def test_mlflow_run_and_registry(workspace) -> None:
 
 
 def test_second_repro_is_noop(workspace) -> None:
+    """Only the registry question is asked again; its answer is the same, so nothing
+    downstream runs and dvc.lock is not touched."""
     ws, env = workspace
+    lock = (ws / "dvc.lock").read_bytes()
     result = run(["dvc", "repro"], ws, env)
-    assert _ran(result.stdout) == []
-    assert "Data and pipelines are up to date" in result.stdout
+    assert ran_stages(result.stdout) == ["champion"]
+    assert "is still v1" in result.stderr + result.stdout
+    assert "Stage 'package' didn't change, skipping" in result.stdout
+    assert (ws / "dvc.lock").read_bytes() == lock
+    assert stale_stages(ws, env) == {}
 
 
 def test_param_change_reruns_only_downstream(workspace) -> None:
     ws, env = workspace
     set_params(ws, evaluate__cost_false_alarm=7)
     result = run(["dvc", "repro"], ws, env)
-    assert _ran(result.stdout) == ["evaluate", "package"]
+    assert ran_stages(result.stdout) == ["evaluate", "champion", "package"]
     registry = json.loads((ws / "models/registry.json").read_text())
     # The same model file: registered once, and already the champion.
     assert registry["candidate_version"] == registry["champion_version"] == 1
     assert registry["promoted"] is False
-    assert run(["dvc", "status"], ws, env).stdout.strip().endswith("up to date.")
+    assert stale_stages(ws, env) == {}
 
 
 def test_schema_change_reruns_train(workspace) -> None:
@@ -151,7 +164,7 @@ def test_schema_change_reruns_train(workspace) -> None:
         assert "train:" in status and "evaluate:" in status and "package:" in status
     finally:
         schema.write_text(before)
-    assert run(["dvc", "status"], ws, env).stdout.strip().endswith("up to date.")
+    assert stale_stages(ws, env) == {}
 
 
 def test_bento_loads_and_scores(workspace, tmp_path: Path) -> None:
@@ -180,6 +193,7 @@ def test_bento_loads_and_scores(workspace, tmp_path: Path) -> None:
 def test_gate_failure_stops_before_registry(workspace) -> None:
     ws, env = workspace
     before = (ws / "params.yaml").read_text()
+    champion = (ws / "models/champion.json").read_bytes()
     try:
         set_params(ws, evaluate__gate__min_roc_auc=0.9999)
         result = run(["dvc", "repro"], ws, env, check=False)
@@ -187,8 +201,10 @@ def test_gate_failure_stops_before_registry(workspace) -> None:
         assert "quality gate failed on the test split: roc_auc" in result.stderr + result.stdout
         assert "Traceback" not in result.stderr
         assert not (ws / "models/registry.json").exists()
-        assert not (ws / "models/champion.json").exists()
-        assert "package" not in _ran(result.stdout)
+        # The registry's champion did not move: its record stays, and nothing after the
+        # failed stage ran.
+        assert (ws / "models/champion.json").read_bytes() == champion
+        assert not {"champion", "package"} & set(ran_stages(result.stdout))
     finally:
         (ws / "params.yaml").write_text(before)
 

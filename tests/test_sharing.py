@@ -16,14 +16,16 @@ import requests
 import yaml
 
 from stages.lib.modeling import load_model
-from stages.lib.project import file_md5, pipeline_path
+from stages.lib.project import copy_checkout, file_md5, pipeline_path
 
 from .conftest import (
     GIT_ID,
     ROOT,
     bento_dir,
     build_workspace,
+    ran_stages,
     run,
+    stale_stages,
     start_bento,
     stop,
     stores_env,
@@ -47,6 +49,7 @@ def origin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, dic
 
 
 def _clone(origin_ws: Path, base: Path) -> tuple[Path, dict[str, str]]:
+    base.mkdir(exist_ok=True)
     clone = base / "repo"
     env = stores_env(base)  # a teammate: own (empty) MLflow store and BentoML home
     run(["git", "clone", "-q", str(origin_ws), str(clone)], base, env)
@@ -68,18 +71,32 @@ def test_fresh_clone_reproduces_bit_for_bit(origin, tmp_path: Path) -> None:
     assert run(["git", "status", "--porcelain"], clone, env).stdout == ""
 
 
-def test_push_then_pull_serves_the_same_model(origin, tmp_path: Path) -> None:
-    ws, origin_env, remote = origin
-    clone, env = _clone(ws, tmp_path)
-    run(["dvc", "remote", "modify", "--local", "local", "url", str(remote)], clone, env)
-    run(["dvc", "pull"], clone, env)
-    result = run(["dvc", "repro"], clone, env)
-    assert "Running stage" not in result.stdout, result.stdout
-    assert "Data and pipelines are up to date" in result.stdout
-    assert file_md5(clone / "models/model.pkl") == file_md5(ws / "models/model.pkl")
+def test_teammate_pulls_what_the_committed_lock_names(tmp_path: Path) -> None:
+    """Day one of a team, at the default params: A builds from empty stores and pushes
+    without committing anything (its outputs must be the ones the committed dvc.lock
+    names); B, a fresh clone of the same commit, only pulls, and serves A's model."""
+    a, env_a = tmp_path / "a", stores_env(tmp_path / "a")
+    a.mkdir()
+    copy_checkout(ROOT, a / "repo")
+    a = a / "repo"
+    remote = tmp_path / "remote"
+    run(["dvc", "remote", "modify", "--local", "local", "url", str(remote)], a, env_a)
+    run(["dvc", "repro"], a, env_a, timeout=1800)
+    assert run(["git", "status", "--porcelain"], a, env_a).stdout == ""
+    run(["dvc", "push"], a, env_a)
 
-    rows = pd.read_parquet(clone / "data/split/test.parquet").head(40)
-    process, url = start_bento(bento_dir(clone), env, tmp_path / "serve.log")
+    b, env_b = _clone(a, tmp_path / "b")
+    run(["dvc", "remote", "modify", "--local", "local", "url", str(remote)], b, env_b)
+    run(["dvc", "pull"], b, env_b)
+    assert stale_stages(b, env_b) == {}
+    # B's registry is empty: the champion check keeps the pulled record, nothing reruns.
+    result = run(["dvc", "repro"], b, env_b)
+    assert ran_stages(result.stdout) == ["champion"], result.stdout
+    assert "keeping models/champion.json" in result.stderr + result.stdout
+    assert run(["git", "status", "--porcelain"], b, env_b).stdout == ""
+
+    rows = pd.read_parquet(b / "data/split/test.parquet").head(40)
+    process, url = start_bento(bento_dir(b), env_b, tmp_path / "serve.log")
     try:
         response = requests.post(
             f"{url}/predict", timeout=30, json={"transactions": rows.to_dict(orient="records")}
@@ -88,7 +105,7 @@ def test_push_then_pull_serves_the_same_model(origin, tmp_path: Path) -> None:
         served = [p["fraud_probability"] for p in response.json()["predictions"]]
     finally:
         stop(process)
-    expected = load_model(ws / "models/model.pkl").predict_proba(rows.drop(columns="Class"))
+    expected = load_model(a / "models/model.pkl").predict_proba(rows.drop(columns="Class"))
     np.testing.assert_allclose(served, expected[:, 1], rtol=1e-12)
 
 

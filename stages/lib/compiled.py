@@ -37,6 +37,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import FunctionTransformer, SplineTransformer, StandardScaler
 
+from stages.lib.modeling import LOG_AMOUNT
 from stages.lib.schema import FEATURES
 
 INPUT = "transactions"  # float64 [rows, len(FEATURES)], columns in FEATURES order
@@ -178,11 +179,12 @@ def _features(g: _Graph, x: str, prep: Any) -> str:
             parts.append(_periodic_spline(g, g.column(x, indices[0]), transformer))
         elif (
             isinstance(transformer, FunctionTransformer)
-            and transformer.func is np.log1p
+            and transformer.func is LOG_AMOUNT
             and transformer.kw_args is None
         ):
             cols = g.op("Gather", [x, g.const(indices, "cols", np.int64)], axis=1)
-            # log(1 + x): within an ulp or two of np.log1p; verified by package
+            # log(1 + x): the formula scipy's log1p uses above 0.414, within an ulp of
+            # it below; verified by package
             parts.append(g.op("Log", [g.op("Add", [cols, g.const(1.0)])]))
         else:
             raise NotCompilable(f"feature transformer {name}: {transformer}")

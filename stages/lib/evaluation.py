@@ -150,3 +150,24 @@ def plot_data(
         ),
         "confusion": confusion,
     }
+
+
+def costs(cfg: dict) -> dict[str, float]:
+    """The two business costs of the `evaluate` params, as score_metrics takes them."""
+    return {
+        "cost_missed_fraud": float(cfg["cost_missed_fraud"]),
+        "cost_false_alarm": float(cfg["cost_false_alarm"]),
+    }
+
+
+def evaluate_scores(
+    oof_y: np.ndarray, oof_p: np.ndarray, test_y: np.ndarray, test_p: np.ndarray, cfg: dict
+) -> tuple[float, dict[str, Any]]:
+    """The cost-optimal threshold on the out-of-fold scores of the training rows, and the
+    test metrics at it."""
+    threshold, oof_cost = choose_threshold(oof_y, oof_p, **costs(cfg))
+    metrics = score_metrics(
+        test_y, test_p, threshold, review_budget=int(cfg["review_budget"]), **costs(cfg)
+    )
+    metrics["out_of_fold_expected_cost"] = oof_cost
+    return threshold, metrics

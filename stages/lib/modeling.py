@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy.special import logit
+from scipy.special import log1p, logit
 from sklearn.calibration import CalibratedClassifierCV, _SigmoidCalibration
 from sklearn.compose import ColumnTransformer
 from sklearn.ensemble import (
@@ -40,6 +40,11 @@ MODELS = ("logreg", "hgb", "random_forest", "extra_trees", "lightgbm")
 FOREST_JOBS = 1
 CALIBRATIONS = ("auto", "sigmoid", "isotonic")  # auto: Platt on log-odds (see cross_fitted)
 SECONDS_PER_DAY = 86_400
+# log(1 + Amount) by scipy's scalar code, not numpy's np.log1p: on CPUs with AVX512_SKX
+# numpy computes float64 log1p with Intel's SVML, whose last bits differ from the scalar
+# libm path on other CPUs. The tree thresholds are midpoints of these values, so np.log1p
+# made the model file (and every hash after it) depend on the CPU that trained it.
+LOG_AMOUNT = log1p
 PCA_FEATURES = [f for f in FEATURES if f.startswith("V")]
 
 
@@ -52,7 +57,7 @@ def _features(scale: bool) -> ColumnTransformer:
         extrapolation="periodic",
         knots=np.linspace(0, SECONDS_PER_DAY, 7).reshape(-1, 1),
     )
-    amount = FunctionTransformer(np.log1p, feature_names_out="one-to-one")
+    amount = FunctionTransformer(LOG_AMOUNT, feature_names_out="one-to-one")
     transformers = [
         ("hour", hour, ["Time"]),
         ("log_amount", amount, ["Amount"]),

@@ -53,6 +53,11 @@ def _alias(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
         return None
 
 
+def champion_version(name: str) -> ModelVersion | None:
+    """`name@champion` as the registry has it now, or None when it has no such alias."""
+    return _alias(MlflowClient(), name, "champion")
+
+
 def _register(client: MlflowClient, model: LoggedModel, name: str, md5: str) -> ModelVersion:
     """The version holding this file, registering it only if no version does yet."""
     try:
