@@ -61,12 +61,19 @@ def test_default_remote_is_configured() -> None:
     assert "remote = local" in config and "url = " in config
 
 
+# What another CPU would run: other BLAS kernels and numpy's baseline SIMD paths. (numpy's
+# AVX-512 paths cannot be switched on here; the model avoids the transcendental ones, see
+# test_model_features_use_no_cpu_specific_numpy_kernels.)
+OTHER_KERNELS = {"OPENBLAS_CORETYPE": "Prescott", "NPY_DISABLE_CPU_FEATURES": "X86_V3"}
+
+
 def test_fresh_clone_reproduces_bit_for_bit(origin, tmp_path: Path) -> None:
-    """No cache, no remote, empty stores: `dvc repro` rebuilds every output, and git sees
-    no change (dvc.lock and the metrics are byte for byte the committed ones)."""
+    """No cache, no remote, empty stores, other CPU kernels: `dvc repro` rebuilds every
+    output, and git sees no change (dvc.lock and the metrics are byte for byte the
+    committed ones)."""
     ws, _, _ = origin
     clone, env = _clone(ws, tmp_path)
-    result = run(["dvc", "repro"], clone, env)
+    result = run(["dvc", "repro"], clone, {**env, **OTHER_KERNELS})
     assert "Running stage 'package'" in result.stdout
     assert run(["git", "status", "--porcelain"], clone, env).stdout == ""
 
@@ -116,15 +123,7 @@ def _prepared_md5_in_lock() -> str:
     return out["md5"]
 
 
-@pytest.mark.parametrize(
-    "cpu_env",
-    [
-        {},
-        # Other BLAS kernels and numpy's baseline SIMD path: what another CPU would run.
-        {"OPENBLAS_CORETYPE": "Prescott", "NPY_DISABLE_CPU_FEATURES": "X86_V3"},
-    ],
-    ids=["this-cpu", "other-kernels"],
-)
+@pytest.mark.parametrize("cpu_env", [{}, OTHER_KERNELS], ids=["this-cpu", "other-kernels"])
 def test_default_data_matches_dvc_lock(tmp_path: Path, cpu_env: dict[str, str]) -> None:
     """The committed dvc.lock's hash of the default synthetic data, regenerated."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -141,3 +140,56 @@ def test_default_data_matches_dvc_lock(tmp_path: Path, cpu_env: dict[str, str]) 
         capture_output=True,
     )
     assert file_md5(out) == _prepared_md5_in_lock()
+
+
+# numpy ufuncs whose float64 loops have CPU-specific kernels (AVX512F, or Intel's SVML on
+# AVX512_SKX; numpy/_core/src/umath/loops_umath_fp.dispatch.c.src and
+# loops_exponent_log.dispatch.c.src): their last bits depend on the CPU.
+CPU_SPECIFIC_UFUNCS = {
+    np.exp,
+    np.log,
+    np.exp2,
+    np.log2,
+    np.log10,
+    np.expm1,
+    np.log1p,
+    np.cbrt,
+    np.power,
+    np.tan,
+    np.arcsin,
+    np.arccos,
+    np.arctan,
+    np.sinh,
+    np.cosh,
+    np.tanh,
+    np.arcsinh,
+    np.arccosh,
+    np.arctanh,
+}
+
+
+@pytest.mark.parametrize("family", ["lightgbm", "hgb", "extra_trees", "logreg"])
+def test_model_features_use_no_cpu_specific_numpy_kernels(family: str) -> None:
+    """Tree thresholds are midpoints of the transformed feature values, so a transform
+    whose last bits depend on the CPU changes the model file from machine to machine."""
+    from sklearn.preprocessing import FunctionTransformer
+
+    from stages.lib.modeling import build_estimator
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())["train"][family]
+    estimator = build_estimator(family, params, seed=0)
+    functions = [
+        step.func
+        for _, step in _walk(estimator)
+        if isinstance(step, FunctionTransformer) and step.func is not None
+    ]
+    assert functions, "the feature pipeline has no function transformer to check"
+    assert not [f for f in functions if f in CPU_SPECIFIC_UFUNCS], functions
+
+
+def _walk(estimator) -> Iterator[tuple[str, object]]:
+    """(name, step) of every step of Pipelines and ColumnTransformers, nested."""
+    parts = getattr(estimator, "steps", []) + getattr(estimator, "transformers", [])
+    for name, step, *_ in parts:
+        yield name, step
+        yield from _walk(step)
