@@ -57,8 +57,34 @@ class JobError(RuntimeError):
 
 
 def default_model() -> str:
+    """The registered version the workspace's Bento serves (the champion record package
+    built it from), so this job and `make serve` score with the same model unless --model
+    says otherwise; `@champion` where there is no record. Warns when the registry's
+    champion has moved on since (`dvc repro` rebuilds the Bento for it)."""
+    from stages.lib.project import configure_environment, pipeline_path
+    from stages.lib.registry import champion_version, version_for
+
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    return f"models:/{params['evaluate']['registered_model']}@champion"
+    name = params["evaluate"]["registered_model"]
+    record = pipeline_path("champion", ROOT)
+    if not record.is_file():
+        return f"models:/{name}@champion"
+    configure_environment()
+    md5 = json.loads(record.read_text())["model_md5"]
+    served, champion = version_for(name, md5), champion_version(name)
+    if served is None:
+        return f"models:/{name}@champion"
+    if champion is not None and champion.version != served.version:
+        log.warning(
+            "scoring with %s v%s, which the service's Bento serves; the registry's champion "
+            "is now v%s (`dvc repro` rebuilds the Bento for it; --model models:/%s@champion "
+            "scores with it here)",
+            name,
+            served.version,
+            champion.version,
+            name,
+        )
+    return f"models:/{name}/{served.version}"
 
 
 def code_zip(folder: Path) -> Path:

@@ -40,6 +40,12 @@ def _served(ws: Path, env: dict) -> str:
     return run(args, ws, env).stderr
 
 
+def _batch_default(ws: Path, env: dict):
+    """The model the Spark job scores with when no --model is given (no Spark needed)."""
+    code = "from batch.score import default_model; print(default_model())"
+    return run([sys.executable, "-c", code], ws, env)
+
+
 def _bento_md5(ws: Path) -> str:
     (contract,) = (bento_dir(ws) / "models").glob("fraud_model/*/contract.json")
     return json.loads(contract.read_text())["lineage"]["model_md5"]
@@ -62,6 +68,10 @@ def test_a_moved_champion_is_rebuilt_and_reported(workspace) -> None:
     report = _served(ws, env)
     assert f"WARNING: the registry's champion is now {NAME} v{other.version}" in report
     assert "run `dvc repro`" in report
+    # Until then the batch job scores with what the service serves, and says why.
+    batch = _batch_default(ws, env)
+    assert batch.stdout.strip() == f"models:/{NAME}/{champion.version}"
+    assert f"the registry's champion is now v{other.version}" in batch.stderr
 
     result = run(["dvc", "repro"], ws, env)
     assert ran_stages(result.stdout) == ["champion", "package"]
@@ -72,6 +82,7 @@ def test_a_moved_champion_is_rebuilt_and_reported(workspace) -> None:
     assert _bento_md5(ws) == other.tags["model_md5"]
     report = _served(ws, env)
     assert f"serving {NAME} v{other.version}" in report and "WARNING" not in report
+    assert _batch_default(ws, env).stdout.strip() == f"models:/{NAME}/{other.version}"
     assert ran_stages(run(["dvc", "repro"], ws, env).stdout) == ["champion"]
     assert stale_stages(ws, env) == {}
 

@@ -58,6 +58,17 @@ def champion_version(name: str) -> ModelVersion | None:
     return _alias(MlflowClient(), name, "champion")
 
 
+def version_for(name: str, md5: str) -> ModelVersion | None:
+    """The registered version holding this model file (one per md5, see _register)."""
+    try:
+        found = MlflowClient().search_model_versions(
+            f"name = '{name}' and tags.model_md5 = '{md5}'"
+        )
+    except MlflowException:  # the registered model does not exist
+        return None
+    return max(found, key=lambda v: int(v.version)) if found else None
+
+
 def _register(client: MlflowClient, model: LoggedModel, name: str, md5: str) -> ModelVersion:
     """The version holding this file, registering it only if no version does yet."""
     try:

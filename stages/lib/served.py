@@ -32,27 +32,23 @@ def report(bento: Path) -> list[str]:
 
     configure_environment()
     import mlflow
-    from mlflow.tracking import MlflowClient
 
-    from stages.lib.registry import champion_version
+    from stages.lib.registry import champion_version, version_for
 
     lineage = served_lineage(bento)
     name, md5 = lineage["registered_model"], lineage["model_md5"]
     where = mlflow.get_tracking_uri()
     try:
-        found = MlflowClient().search_model_versions(
-            f"name = '{name}' and tags.model_md5 = '{md5}'"
-        )
-        champion = champion_version(name)
+        served, champion = version_for(name, md5), champion_version(name)
     except Exception as exc:  # noqa: BLE001 - any registry failure only means "unknown"
         return [f"serving {name} md5 {md5}; the registry at {where} did not answer ({exc})"]
-    if not found:
+    if served is None:
         return [f"serving {name} md5 {md5}, which the registry at {where} does not hold"]
-    lines = [f"serving {name} v{found[0].version} (md5 {md5}) from {where}"]
+    lines = [f"serving {name} v{served.version} (md5 {md5}) from {where}"]
     if champion is not None and champion.tags.get("model_md5") != md5:
         lines.append(
             f"WARNING: the registry's champion is now {name} v{champion.version} "
-            f"(md5 {champion.tags.get('model_md5')}), not the served v{found[0].version}: "
+            f"(md5 {champion.tags.get('model_md5')}), not the served v{served.version}: "
             "run `dvc repro` to build its Bento"
         )
     return lines
