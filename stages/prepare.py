@@ -18,7 +18,8 @@ from stages.lib.project import (
     workspace_root,
     write_json,
 )
-from stages.lib.validation import DataValidationError, read_table, validate
+from stages.lib.splitting import rows_needed_per_class
+from stages.lib.validation import DataValidationError, ValidationReport, read_table, validate
 
 log = logging.getLogger("fraudops.prepare")
 
@@ -43,6 +44,30 @@ def load_source(data: dict, raw_dir: Path) -> tuple[pd.DataFrame, str]:
     return read_table(path), f"{source} (md5 {file_md5(path)})"
 
 
+def check_splittable(report: ValidationReport, params: dict) -> None:
+    """Refuse data too small for split and train here, in one line, rather than with a
+    traceback two stages later. The few split and train keys this reads are declared in
+    prepare's `params:` in dvc.yaml, so changing them reruns this check."""
+    split, train = params["split"], params["train"]
+    settings = {
+        "split.strategy": split["strategy"],
+        "split.valid_size": float(split["valid_size"]),
+        "split.test_size": float(split["test_size"]),
+        "train.search.folds": int(train["search"]["folds"]),
+        "train.calibration_folds": int(train["calibration_folds"]),
+    }
+    need = rows_needed_per_class(*settings.values())
+    legit = report.rows_out - report.frauds
+    if min(report.frauds, legit) < need:
+        given = ", ".join(f"{k} {v}" for k, v in settings.items())
+        raise DataValidationError(
+            "too-small",
+            f"split and train need at least {need} frauds and {need} legitimate rows "
+            f"({given}); the data has {report.rows_out} rows: {report.frauds} fraud(s), "
+            f"{legit} legitimate",
+        )
+
+
 def main() -> None:
     paths = stage_paths(__doc__, "raw", "out", "report")
     setup_logging()
@@ -51,6 +76,7 @@ def main() -> None:
         try:
             raw, origin = load_source(params["data"], paths.raw)
             clean, report = validate(raw, duplicates=params["data"]["duplicates"])
+            check_splittable(report, params)
         except DataValidationError as exc:
             log.error("prepare stopped: %s", exc)
             raise SystemExit(1) from None

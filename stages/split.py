@@ -15,7 +15,7 @@ from stages.lib.project import (
     write_json,
 )
 from stages.lib.schema import TARGET
-from stages.lib.splitting import split_frame
+from stages.lib.splitting import SplitError, split_frame
 
 log = logging.getLogger("fraudops.split")
 
@@ -26,13 +26,17 @@ def main() -> None:
     cfg = stage_params("split")["split"]
     with stage_timer("split"):
         frame = pd.read_parquet(paths.data)
-        parts = split_frame(
-            frame,
-            strategy=cfg["strategy"],
-            valid_size=float(cfg["valid_size"]),
-            test_size=float(cfg["test_size"]),
-            seed=int(cfg["seed"]),
-        )
+        try:
+            parts = split_frame(
+                frame,
+                strategy=cfg["strategy"],
+                valid_size=float(cfg["valid_size"]),
+                test_size=float(cfg["test_size"]),
+                seed=int(cfg["seed"]),
+            )
+        except SplitError as exc:
+            log.error("split stopped: %s", exc)
+            raise SystemExit(1) from None
         report = {}
         for name, part in parts.items():
             with atomic_path(paths.out / f"{name}.parquet") as tmp:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import shlex
+import shutil
 from pathlib import Path
 
 import pytest
@@ -142,15 +143,21 @@ def test_stage_params_refuse_undeclared_keys(monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_dotted_declarations_select_one_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    # The real params.yaml: stage_params checks the whole file against its schema.
     (tmp_path / "dvc.yaml").write_text(
-        yaml.safe_dump({"stages": {"s": {"cmd": "x", "params": ["a.b", {"params.yaml": ["c"]}]}}})
+        yaml.safe_dump(
+            {"stages": {"s": {"cmd": "x", "params": ["split.seed", {"params.yaml": ["package"]}]}}}
+        )
     )
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"a": {"b": 1, "z": 2}, "c": 3}))
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
     monkeypatch.chdir(tmp_path)
     params = stage_params("s")
-    assert params["a"]["b"] == 1 and params["c"] == 3
+    with open(ROOT / "params.yaml") as fh:
+        real = yaml.safe_load(fh)
+    assert params["split"]["seed"] == real["split"]["seed"]
+    assert params["package"] == real["package"]
     with pytest.raises(UndeclaredParamError):
-        params["a"]["z"]
+        params["split"]["strategy"]
 
 
 def test_paths_have_one_home() -> None:

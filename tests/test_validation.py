@@ -158,11 +158,25 @@ def test_prepare_refuses_source_outside_raw(tmp_path: Path) -> None:
     assert result.returncode == 1 and "[source]" in result.stderr
 
 
+def _fixture_days(days: int) -> str:
+    """The format fixture's rows repeated on `days` days (Time shifted a day each time),
+    still in the real file's quoted format: 40 rows with 4 frauds are too few for prepare
+    to accept, since split and train need 6 of each class by default."""
+    header, *rows = FORMAT_FIXTURE.read_text().splitlines()
+    shifted = [
+        f"{int(time) + day * 86_400},{rest}"
+        for day in range(days)
+        for time, rest in (row.split(",", 1) for row in rows)
+    ]
+    return "\n".join([header, *shifted]) + "\n"
+
+
 def test_prepare_reads_real_format(tmp_path: Path) -> None:
     raw = tmp_path / "data" / "raw"
     raw.mkdir(parents=True)
-    shutil.copy(FORMAT_FIXTURE, raw / "creditcard.csv")
+    (raw / "creditcard.csv").write_text(_fixture_days(3))
     result = _run_prepare(tmp_path, "data/raw/creditcard.csv")
     assert result.returncode == 0, result.stderr
     out = pd.read_parquet(tmp_path / "data" / "prepared" / "transactions.parquet")
-    assert len(out) == 40 and list(out.columns) == list(COLUMNS)
+    assert len(out) == 120 and list(out.columns) == list(COLUMNS)
+    assert out["Class"].sum() == 12

@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from stages.lib.params import load_params
+
 log = logging.getLogger("fraudops")
 
 # Queued and --temp DVC experiments run in a scratch copy under .dvc/tmp/exps/; the
@@ -126,10 +128,12 @@ def stage_params(stage: str) -> DeclaredParams:
     """params.yaml, cut down to the keys `stage` declares in dvc.yaml.
 
     Reading anything else raises UndeclaredParamError, so a stage cannot depend on a param
-    that DVC does not hash for it.
+    that DVC does not hash for it. The whole file is checked against the schema in
+    stages/lib/params.py first, whatever the stage declares: stages call this before they
+    write anything, so a bad value anywhere stops the run at its first stage with one line
+    per problem (ParamsError, a SystemExit: exit status 1, no traceback).
     """
-    with open(workspace_root() / "params.yaml") as fh:
-        params = yaml.safe_load(fh)
+    params = load_params(workspace_root() / "params.yaml")
     chosen: dict[str, Any] = {}
     for dotted in declared_params(stage):
         _merge(chosen, _select(params, dotted))

@@ -2,10 +2,48 @@
 
 from __future__ import annotations
 
+import math
+
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
 STRATEGIES = ("time", "stratified")
+
+
+class SplitError(ValueError):
+    """The rows cannot be split as params.yaml asks (a part would lack a class)."""
+
+
+def rows_needed_per_class(
+    strategy: str, valid_size: float, test_size: float, search_folds: int, calibration_folds: int
+) -> int:
+    """How many rows of each class (frauds, and legitimate rows) split and train need.
+
+    Every part needs both classes: split refuses a part without them, and valid and test
+    are scored. Train's search folds the train split, and its calibration folds train +
+    valid: forward-chaining (time) folds cut k + 1 blocks, the first only fitted and each
+    other scored, so each block needs a fraud; stratified folds need k per class.
+
+    The answer is the smallest count for which every part's share of the class, rounded,
+    covers its need (what a stratified split gives, and a time split with the class
+    spread evenly in time), and never below the bare sum of the needs. It is necessary,
+    not sufficient: a time split of frauds bunched in time can still leave a part short,
+    which split then names. Legitimate rows are counted alike, though in fraud data they
+    are never the short class.
+    """
+    extra_block = 1 if strategy == "time" else 0
+    train_need, fit_need = search_folds + extra_block, calibration_folds + extra_block
+    train_share = 1 - valid_size - test_size
+    needs = [
+        (train_need, train_share),
+        (fit_need, train_share + valid_size),
+        (1, valid_size),
+        (1, test_size),
+    ]
+    # floor(share * n + 0.5) >= count  <=>  n >= (count - 0.5) / share
+    by_share = max(math.ceil((count - 0.5) / share) for count, share in needs)
+    by_count = max(train_need + 1, fit_need) + 1  # train (+ one in valid) and one in test
+    return max(by_share, by_count)
 
 
 def split_frame(
@@ -43,5 +81,8 @@ def split_frame(
         parts = {"train": train, "valid": valid, "test": test}
     for name, part in parts.items():
         if part["Class"].nunique() < 2:
-            raise ValueError(f"the {name} split has a single class; use more rows or other sizes")
+            raise SplitError(
+                f"the {name} split ({len(part)} rows) has a single class: use more rows, "
+                "other split sizes, or split.strategy: stratified"
+            )
     return {name: part.reset_index(drop=True) for name, part in parts.items()}
