@@ -1,0 +1,155 @@
+"""A stage lives only as long as the `dvc` that started it, and stops without leaving work.
+
+DVC 3.67 runs a stage's `cmd` as `$SHELL -c cmd` (`/bin/sh` without SHELL) with
+`subprocess.Popen` (no new session or process group, no parent-death signal), so nothing
+tells the command when dvc dies: kill -9 of `dvc repro` (or `dvc queue kill --force`, which
+SIGKILLs `dvc exp exec-run`) left the stage training on and writing outputs, and since DVC
+also releases the repo lock while a command runs and drops rwlock entries of dead pids,
+the next `dvc repro` started a second train beside it.
+
+Here every stage, from `setup_logging()`, watches the process that ran its command (a
+thread blocked on a pidfd of it) and sends itself SIGTERM when that process ends. SIGTERM,
+SIGHUP and SIGINT (`dvc queue kill`, a closed terminal, Ctrl-C) then stop the stage the
+same way: active MLflow runs are ended KILLED, temp files of unfinished atomic writes are
+removed, and the process leaves with os._exit, so nothing of the stage (no rename, no
+`finally`, no atexit hook ending the MLflow run FINISHED) runs after the signal.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import logging
+import os
+import select
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+log = logging.getLogger("fraudops")
+
+# Temp files of atomic writes not yet renamed into place (stages.lib.project.atomic_path).
+PENDING: set[Path] = set()
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+# Ending the MLflow runs talks to the store; if that hangs, the process still ends.
+GRACE_SECONDS = 3.0
+POLL_SECONDS = 0.5  # only where pidfds are missing (not Linux, or a kernel before 5.3)
+
+_bound = False
+
+
+def _read(pid: int, name: str) -> bytes | None:
+    try:
+        return Path(f"/proc/{pid}/{name}").read_bytes()
+    except OSError:  # gone, not ours, or no /proc (macOS)
+        return None
+
+
+def _parent(pid: int) -> int:
+    stat = _read(pid, "stat")
+    # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+    return int(stat.rpartition(b")")[2].split()[1]) if stat else 1
+
+
+def pipeline_owner() -> int:
+    """The pid of the process that ran this stage's command: `dvc` itself.
+
+    Python's parent is not always it: bash execs the command's last program, but dash
+    (/bin/sh on Debian) forks, and that shell outlives a killed dvc. DVC puts DVC_STAGE in
+    the command's environment only, so the command's processes carry it and dvc does not.
+    """
+    mark = b"DVC_STAGE=" + os.environ["DVC_STAGE"].encode()
+    pid = os.getppid()
+    while pid > 1:
+        environ = _read(pid, "environ")
+        if environ is None or mark not in environ.split(b"\0"):
+            return pid
+        pid = _parent(pid)
+    return pid
+
+
+def _is_dvc(pid: int) -> bool:
+    argv = (_read(pid, "cmdline") or b"").split(b"\0")[:3]
+    return any(os.path.basename(arg) == b"dvc" for arg in argv)
+
+
+def _wait_for_exit(pid: int) -> None:
+    """Return once `pid` has ended (at once if it already has)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    except (AttributeError, OSError):
+        while _alive(pid):
+            time.sleep(POLL_SECONDS)
+        return
+    try:
+        # The owner may have died, and its pid been reused, before pidfd_open.
+        if pipeline_owner() == pid:
+            select.select([fd], [], [])  # readable when the process exits
+    finally:
+        os.close(fd)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return pipeline_owner() == pid
+
+
+def _watch(owner: int) -> None:
+    _wait_for_exit(owner)
+    log.error("the dvc process that started this stage (pid %d) has ended", owner)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _end_mlflow_runs() -> None:
+    mlflow = sys.modules.get("mlflow")  # a stage that never imported it has no run
+    while mlflow is not None and mlflow.active_run() is not None:
+        try:
+            mlflow.end_run("KILLED")  # pops the run before it writes the status
+        except Exception as exc:  # noqa: BLE001 - the store's error must not block the exit
+            log.error("could not mark the MLflow run KILLED: %s", exc)
+
+
+def _stop(signum: int, _frame: object) -> None:
+    for sig in STOP_SIGNALS:  # a second signal must not re-enter the cleanup
+        signal.signal(sig, signal.SIG_IGN)
+    faulthandler.dump_traceback_later(GRACE_SECONDS, exit=True)
+    log.error(
+        "stage %s stopped by %s: no outputs written",
+        os.environ.get("DVC_STAGE", "?"),
+        signal.Signals(signum).name,
+    )
+    _end_mlflow_runs()
+    for tmp in list(PENDING):
+        tmp.unlink(missing_ok=True)
+    logging.shutdown()
+    os._exit(128 + signum)
+
+
+def bind_to_pipeline() -> None:
+    """Under DVC (DVC_STAGE set), stop this process when its dvc ends or it is signalled.
+
+    Outside DVC (tests calling a stage's main, batch scoring) this does nothing.
+    """
+    global _bound
+    if _bound or "DVC_STAGE" not in os.environ:
+        return
+    _bound = True
+    for sig in STOP_SIGNALS:
+        # An inherited SIG_IGN stays: `nohup dvc repro` must survive the hang-up, and a
+        # background `dvc repro &` Ctrl-C. SIGTERM is the watcher's, so it is always ours.
+        if sig == signal.SIGTERM or signal.getsignal(sig) is not signal.SIG_IGN:
+            signal.signal(sig, _stop)
+    owner = pipeline_owner()
+    if owner == 1 and not _is_dvc(owner):
+        # Reparented to init: dvc died while this process was starting.
+        _stop(signal.SIGTERM, None)
+    threading.Thread(target=_watch, args=(owner,), name="pipeline-watch", daemon=True).start()
