@@ -8,11 +8,15 @@ also releases the repo lock while a command runs and drops rwlock entries of dea
 the next `dvc repro` started a second train beside it.
 
 Here every stage, from `setup_logging()`, watches the process that ran its command (a
-thread blocked on a pidfd of it) and sends itself SIGTERM when that process ends. SIGTERM,
-SIGHUP and SIGINT (`dvc queue kill`, a closed terminal, Ctrl-C) then stop the stage the
-same way: active MLflow runs are ended KILLED, temp files of unfinished atomic writes are
-removed, and the process leaves with os._exit, so nothing of the stage (no rename, no
-`finally`, no atexit hook ending the MLflow run FINISHED) runs after the signal.
+thread blocked on a pidfd of it) and sends itself SIGTERM when that process ends. Not
+PR_SET_PDEATHSIG: it fires when the direct parent (thread) dies, and with SHELL unset or
+/bin/sh the parent is a dash that outlives dvc. Not the process group: the command stays
+in dvc's group, so Ctrl-C and `kill -- -PGID` already reach the stage, while a kill of
+dvc's pid alone reaches nothing. SIGTERM, SIGHUP and SIGINT (`dvc queue kill`, a closed
+terminal, Ctrl-C) then stop the stage the same way: active MLflow runs are ended KILLED,
+temp files of unfinished atomic writes are removed, and the process leaves with os._exit,
+so nothing of the stage (no rename, no `finally`, no atexit hook ending the MLflow run
+FINISHED) runs after the signal.
 """
 
 from __future__ import annotations
