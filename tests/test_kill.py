@@ -10,12 +10,13 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from .conftest import run, set_params, small_checkout
+from .conftest import ROOT, run, set_params, small_checkout, stores_env
 
 pytestmark = pytest.mark.integration
 
@@ -112,3 +113,41 @@ def test_kill_9_of_dvc_repro_stops_the_stage(tmp_path: Path, shell: str) -> None
     rerun = run(["dvc", "repro"], ws, env)
     assert "Running stage 'train'" in rerun.stdout
     assert run(["dvc", "status"], ws, env).stdout.strip().endswith("up to date.")
+
+
+# A stage that has started its MLflow run and is inside a store write (sqlite's lock held,
+# as when a signal lands while a trial is being logged), then waits.
+MID_WRITE = """
+import os, sqlite3, time
+from stages.lib.project import setup_logging
+from stages.lib.tracking import start_training_run
+setup_logging()
+run = start_training_run()
+db = sqlite3.connect(os.environ["MLFLOW_TRACKING_URI"].removeprefix("sqlite:///"))
+db.execute("BEGIN IMMEDIATE")
+print(run.info.run_id, flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize(
+    "sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT], ids=lambda s: s.name
+)
+def test_signal_mid_store_write_ends_the_run_killed(tmp_path: Path, sig: signal.Signals) -> None:
+    env = {**stores_env(tmp_path), "DVC_STAGE": "train"}
+    stage = subprocess.Popen(
+        [sys.executable, "-c", MID_WRITE], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        run_id = stage.stdout.readline().strip()
+        assert run_id, "the stage ended before starting its run"
+        stage.send_signal(sig)
+        # Not 1: faulthandler's deadline would mean the stop hung on the store's lock.
+        assert stage.wait(timeout=5) == 128 + sig
+    finally:
+        stage.kill()
+        stage.wait()
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    wait_for(lambda: client.get_run(run_id).info.status == "KILLED", 30, "the run KILLED")

@@ -13,19 +13,21 @@ PR_SET_PDEATHSIG: it fires when the direct parent (thread) dies, and with SHELL 
 /bin/sh the parent is a dash that outlives dvc. Not the process group: the command stays
 in dvc's group, so Ctrl-C and `kill -- -PGID` already reach the stage, while a kill of
 dvc's pid alone reaches nothing. SIGTERM, SIGHUP and SIGINT (`dvc queue kill`, a closed
-terminal, Ctrl-C) then stop the stage the same way: active MLflow runs are ended KILLED,
-temp files of unfinished atomic writes are removed, and the process leaves with os._exit,
-so nothing of the stage (no rename, no `finally`, no atexit hook ending the MLflow run
-FINISHED) runs after the signal.
+terminal, Ctrl-C) then stop the stage the same way: temp files of unfinished atomic
+writes are removed and the process leaves with os._exit, so nothing of the stage (no
+rename, no `finally`, no atexit hook ending the MLflow run FINISHED) runs after the
+signal; a helper it forks ends its active MLflow runs KILLED once it is gone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import logging
 import os
 import select
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -37,7 +39,8 @@ log = logging.getLogger("fraudops")
 PENDING: set[Path] = set()
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
-# Ending the MLflow runs talks to the store; if that hangs, the process still ends.
+# The stop itself only forks the MLflow helper and unlinks files; if even that hangs, the
+# process still ends (faulthandler's C thread, which needs no GIL).
 GRACE_SECONDS = 3.0
 POLL_SECONDS = 0.5  # only where pidfds are missing (not Linux, or a kernel before 5.3)
 
@@ -113,28 +116,60 @@ def _watch(owner: int) -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _end_mlflow_runs() -> None:
+def _mark_runs_killed_after_exit() -> None:
+    """Have a helper end this stage's active MLflow run, and those it nests in, KILLED.
+
+    Not from the handler: the signal may have interrupted a store write, and sqlite keeps
+    that transaction's lock until this process ends, so an update from here would wait on
+    it (seen with Ctrl-C during a trial's logging). The helper writes once we are gone.
+    """
     mlflow = sys.modules.get("mlflow")  # a stage that never imported it has no run
-    while mlflow is not None and mlflow.active_run() is not None:
+    run = mlflow.active_run() if mlflow is not None else None  # memory only, no store call
+    if run is not None:
+        subprocess.Popen(
+            # -P: this file's directory (stages/lib) must not shadow installed modules.
+            [sys.executable, "-P", __file__, str(os.getpid()), run.info.run_id],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            start_new_session=True,  # out of reach of a group kill aimed at the pipeline
+        )
+
+
+def mark_killed(stage_pid: int, run_id: str, timeout: float = 60.0) -> None:
+    """In the helper, a child of the stopped stage: once the stage has ended, end `run_id`
+    and its parent runs KILLED (only those still RUNNING)."""
+    from mlflow.tracking import MlflowClient
+
+    while os.getppid() == stage_pid:  # reparented when the stage exits
+        time.sleep(0.05)
+    client, deadline = MlflowClient(), time.monotonic() + timeout
+    while run_id:
         try:
-            mlflow.end_run("KILLED")  # pops the run before it writes the status
-        except Exception as exc:  # noqa: BLE001 - the store's error must not block the exit
-            log.error("could not mark the MLflow run KILLED: %s", exc)
+            run = client.get_run(run_id)
+            if run.info.status == "RUNNING":
+                client.set_terminated(run_id, "KILLED")
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)  # the store is busy (another writer holds sqlite's lock)
+            continue
+        run_id = run.data.tags.get("mlflow.parentRunId")
 
 
 def _stop(signum: int, _frame: object) -> None:
     for sig in STOP_SIGNALS:  # a second signal must not re-enter the cleanup
         signal.signal(sig, signal.SIG_IGN)
     faulthandler.dump_traceback_later(GRACE_SECONDS, exit=True)
-    log.error(
-        "stage %s stopped by %s: no outputs written",
-        os.environ.get("DVC_STAGE", "?"),
-        signal.Signals(signum).name,
-    )
-    _end_mlflow_runs()
+    _mark_runs_killed_after_exit()
     for tmp in list(PENDING):
         tmp.unlink(missing_ok=True)
-    logging.shutdown()
+    with contextlib.suppress(Exception):  # the signal may have interrupted a log write
+        log.error(
+            "stage %s stopped by %s: no outputs written",
+            os.environ.get("DVC_STAGE", "?"),
+            signal.Signals(signum).name,
+        )
+        logging.shutdown()
     os._exit(128 + signum)
 
 
@@ -157,3 +192,7 @@ def bind_to_pipeline() -> None:
         # Reparented to init: dvc died while this process was starting.
         _stop(signal.SIGTERM, None)
     threading.Thread(target=_watch, args=(owner,), name="pipeline-watch", daemon=True).start()
+
+
+if __name__ == "__main__":  # the helper of _mark_runs_killed_after_exit
+    mark_killed(int(sys.argv[1]), sys.argv[2])
