@@ -160,9 +160,12 @@ def _stop(signum: int, _frame: object) -> None:
     for sig in STOP_SIGNALS:  # a second signal must not re-enter the cleanup
         signal.signal(sig, signal.SIG_IGN)
     faulthandler.dump_traceback_later(GRACE_SECONDS, exit=True)
-    _mark_runs_killed_after_exit()
+    # Nothing here may raise: an exception would return to the interrupted stage code.
+    with contextlib.suppress(Exception):
+        _mark_runs_killed_after_exit()
     for tmp in list(PENDING):
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
     with contextlib.suppress(Exception):  # the signal may have interrupted a log write
         log.error(
             "stage %s stopped by %s: no outputs written",
