@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from stages.lib.lifecycle import PENDING, bind_to_pipeline
 from stages.lib.params import load_params
 
 log = logging.getLogger("fraudops")
@@ -55,6 +56,8 @@ def configure_environment() -> None:
 
 
 def setup_logging() -> None:
+    """Log lines for the stage; every stage calls this first, so it also ties the stage's
+    life to the dvc that started it (stages/lib/lifecycle.py)."""
     logging.basicConfig(
         level=logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -62,6 +65,7 @@ def setup_logging() -> None:
     )
     for noisy in ("alembic", "mlflow", "urllib3", "bentoml", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    bind_to_pipeline()
 
 
 class UndeclaredParamError(KeyError):
@@ -209,12 +213,14 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     # Keep the suffix: some writers pick the format from it.
     tmp = target.with_name(f".{target.stem}.tmp-{os.getpid()}{target.suffix}")
+    PENDING.add(tmp)  # a stopped stage removes it instead of renaming it
     try:
         yield tmp
         os.replace(tmp, target)
     finally:
         if tmp.exists():
             tmp.unlink()
+        PENDING.discard(tmp)
 
 
 def write_json(path: str | Path, payload: Any) -> None:
