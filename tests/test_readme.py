@@ -214,6 +214,7 @@ def test_score_missing_input_one_line(project, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("block", all_blocks(), ids=lambda b: b.id)
 def test_block_runs_verbatim(block: Block, project, tmp_path: Path) -> None:
+    """One shell block, pasted as it is (see the module docstring for service blocks)."""
     ws, env = project
     if block.mode == "skip":
         pytest.skip(f"{block.heading}: {block.reason}")
@@ -236,7 +237,8 @@ def test_block_runs_verbatim(block: Block, project, tmp_path: Path) -> None:
 
 
 def test_checkout_stays_clean(project) -> None:
-    """What the README's commands write (stores, scored files, inputs) is git-ignored."""
+    """What the README's commands wrote (stores, scored files, inputs) is git-ignored.
+    Runs after the blocks (pytest keeps the file's order)."""
     ws, _ = project
     assert git_status(ws) == ""
 
