@@ -42,7 +42,9 @@ pipeline: setup
 
 run: pipeline up
 
-# The package stage's output folder is a complete Bento: bentoml serves it as it is.
+# The package stage's output folder is a complete Bento: bentoml serves it as it is. Its
+# path must be absolute (pipeline_path gives one): BentoML 1.4.40 joins a relative Bento
+# path to itself (models/bento/models/bento) and fails with 'Failed to import module'.
 BENTO_DIR = $(shell $(BIN)/python -c 'from stages.lib.project import pipeline_path; print(pipeline_path("bento"))' 2>/dev/null)
 
 serve: setup

@@ -24,9 +24,11 @@ column named like an output) stop the job before anything is written.
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import logging
 import os
+import re
 import sys
 import tempfile
 import time
@@ -309,6 +311,26 @@ def input_format(inputs: list[str], chosen: str) -> str:
     raise JobError(f"cannot tell the format of {inputs} from the names: pass --format")
 
 
+def check_local_inputs(inputs: list[str]) -> None:
+    """Every local input is a file, a folder with files, or a glob that matches some.
+
+    Checked before Spark starts, which would report a missing path as PATH_NOT_FOUND in a
+    Java and a Python traceback. URIs with a scheme (s3a://, hdfs://, file:) and brace
+    globs ({a,b}, which Python's glob lacks) are left to Spark.
+    """
+    for spec in inputs:
+        if re.match(r"[A-Za-z][A-Za-z0-9+.-]*:", spec) or "{" in spec:
+            continue
+        if any(char in spec for char in "*?["):
+            if not glob.glob(spec):
+                raise JobError(f"no input file matches {spec!r}")
+        elif not os.path.exists(spec):
+            raise JobError(f"no such input file or folder: {spec!r}")
+        elif os.path.isdir(spec) and all(n.startswith(("_", ".")) for n in os.listdir(spec)):
+            # Spark skips names starting with _ or . too, then fails to infer a schema.
+            raise JobError(f"input folder {spec!r} holds no files to score")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -325,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("py4j").setLevel(logging.WARNING)
     try:
         conf = dict(item.split("=", 1) for item in args.conf)
+        check_local_inputs(args.inputs)
         summary = run_job(
             args.inputs, args.out, args.model or default_model(), args.master, conf,
             input_format(args.inputs, args.format),

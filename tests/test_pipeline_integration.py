@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from urllib.parse import urlparse
 
 import numpy as np
 import pandas as pd
@@ -19,8 +18,6 @@ from stages.lib.modeling import load_model
 from stages.lib.project import file_md5
 
 from .conftest import (
-    GIT_ID,
-    ROOT,
     bento_dir,
     build_workspace,
     ran_stages,
@@ -207,47 +204,3 @@ def test_gate_failure_stops_before_registry(workspace) -> None:
         assert not {"champion", "package"} & set(ran_stages(result.stdout))
     finally:
         (ws / "params.yaml").write_text(before)
-
-
-def readme_block(heading: str) -> str:
-    """The first ```bash block under a README heading, as a user would paste it."""
-    text = (ROOT / "README.md").read_text()
-    section = text[text.index(f"\n{heading}\n") :]
-    return section.split("```bash\n", 1)[1].split("```", 1)[0]
-
-
-def test_readme_sweep_block_verbatim(workspace) -> None:
-    """The README's sweep commands, pasted into a shell with no venv on its PATH."""
-    ws, env = workspace
-    run(["dvc", "repro"], ws, env)  # back in step after the gate test
-    run(["git", *GIT_ID, "commit", "-qam", "step"], ws, env)
-    (ws / ".venv").symlink_to(ROOT / ".venv")
-    bare = {k: v for k, v in env.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
-    bare["PATH"] = "/usr/bin:/bin"
-    result = run(["bash", "-ec", readme_block("## Sweeps")], ws, bare, timeout=900)
-    assert "hgb-slow" in result.stdout
-    shown = json.loads(run(["dvc", "exp", "show", "--json"], ws, env).stdout)
-    models = {}
-    for entry in shown:
-        for exp in entry.get("experiments") or []:
-            rev = exp["revs"][0]
-            params = rev["data"]["params"]["params.yaml"]["data"]
-            models[rev["name"]] = params["train"]["model"]
-    # Each experiment trained the family it asked for (none inherited another's params).
-    assert models == {"lr": "logreg", "et": "extra_trees", "hgb-slow": "hgb"}, shown
-    import mlflow
-
-    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
-    for name, family in models.items():
-        runs = mlflow.search_runs(
-            experiment_names=["fraudops"], filter_string=f"tags.dvc_exp_name = '{name}'"
-        )
-        assert len(runs) == 1 and runs.iloc[0]["params.train.model"] == family
-        # Its model file lives in the project's mlruns/, not in DVC's deleted scratch copy.
-        logged = mlflow.search_logged_models(
-            experiment_ids=[mlflow.get_experiment_by_name("fraudops").experiment_id],
-            filter_string=f"tags.model_md5 = '{runs.iloc[0]['tags.model_md5']}'",
-            output_format="list",
-        )
-        stored = Path(urlparse(logged[0].artifact_location).path) / "model.pkl"
-        assert stored.is_file() and (ws / "mlruns") in stored.parents

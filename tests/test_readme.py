@@ -1,0 +1,334 @@
+"""Every ```bash block of README.md (and docs/*.md) runs as a new user would paste it.
+
+Each block runs as written in `bash -e`, in a clean environment: HOME a fresh folder, PATH
+/usr/bin:/bin (no activated venv, no .venv/bin), no MLflow or BentoML variables (so the
+project's own stores inside the checkout), only the telemetry switches the project sets
+itself. The cwd is one small built checkout of the project (tests/conftest.py's 30k-row
+config, built with `.venv/bin/dvc repro` in that same environment; its `.venv` links to
+this one's). The blocks run in document order in that checkout, one test each, so later
+blocks see what earlier ones made, as a user's would.
+
+- A block that names the service's address `127.0.0.1:3000` runs against the checkout's
+  `make serve` on a free port: the test starts `make serve HOST=127.0.0.1 PORT=<free>` and
+  rewrites only the `127.0.0.1:3000` authority in the block to `127.0.0.1:<free>`.
+- A block marked `<!-- readme-test: scratch — <reason> -->` right above it changes
+  committed files on purpose (a team's DVC remote): it runs in a git clone of the checkout.
+- A block marked `<!-- readme-test: skip — <reason> -->` cannot run here: its test is
+  reported as skipped with the reason, and a skip without a reason fails.
+
+After the last block, `git status --porcelain` of the checkout must be empty: everything
+the commands wrote is ignored by git. New blocks in either document are picked up as they
+are; CHECKS adds assertions on what a block made, keyed by a command in it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pandas as pd
+import pytest
+
+from .conftest import GIT_ID, ROOT, free_port, run, small_checkout, start_server, stop
+
+pytestmark = pytest.mark.integration
+
+SERVICE = "127.0.0.1:3000"  # the README's address of `make serve`
+MARKER = re.compile(r"<!--\s*readme-test:\s*(?P<mode>\w+)\s*(?:[—–-]+\s*(?P<reason>.*?))?\s*-->")
+MODES = {"skip", "scratch"}
+FENCE = re.compile(r"^(?P<fence>```+|~~~+)\s*(?P<lang>[\w+-]*)")
+
+
+@dataclass(frozen=True)
+class Block:
+    doc: str  # path relative to the project root
+    line: int  # 1-based line of the opening fence
+    heading: str  # the nearest heading above it
+    text: str
+    mode: str  # "run", "scratch" or "skip"
+    reason: str
+
+    @property
+    def id(self) -> str:
+        return f"{self.doc}:{self.line}"
+
+
+def documents(root: Path = ROOT) -> list[Path]:
+    return [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+
+
+def shell_blocks(path: Path, root: Path = ROOT) -> list[Block]:
+    """The ```bash blocks of a Markdown file, each with the readme-test marker (if any)
+    on the last non-blank line above its fence."""
+    blocks: list[Block] = []
+    lines = path.read_text().splitlines()
+    heading, previous, index = "", "", 0
+    while index < len(lines):
+        line = lines[index]
+        opened = FENCE.match(line)
+        if not opened:
+            if re.match(r"#{1,6} ", line):
+                heading = line
+            if line.strip():
+                previous = line
+            index += 1
+            continue
+        end = next(
+            (i for i in range(index + 1, len(lines)) if lines[i].startswith(opened["fence"])),
+            len(lines),
+        )
+        if opened["lang"] in ("bash", "sh", "shell"):
+            marker = MARKER.fullmatch(previous.strip())
+            mode, reason = (marker["mode"], marker["reason"] or "") if marker else ("run", "")
+            text = "\n".join(lines[index + 1 : end]) + "\n"
+            doc = path.relative_to(root).as_posix()
+            blocks.append(Block(doc, index + 1, heading, text, mode, reason))
+        previous, index = "", end + 1
+    return blocks
+
+
+def all_blocks() -> list[Block]:
+    return [block for path in documents() for block in shell_blocks(path)]
+
+
+def markers(path: Path) -> Iterator[tuple[int, str]]:
+    """HTML comments that mention readme-test (prose that quotes a marker is not one)."""
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if line.lstrip().startswith("<!--") and "readme-test" in line:
+            yield number, line.strip()
+
+
+def test_markers_are_known_and_explained() -> None:
+    """Every marker is well formed, sits right above a shell block, and a skip says why."""
+    blocks = {(b.doc, b.line): b for b in all_blocks()}
+    for path in documents():
+        doc = path.relative_to(ROOT).as_posix()
+        lines = path.read_text().splitlines()
+        for number, line in markers(path):
+            found = MARKER.fullmatch(line)
+            assert found and found["mode"] in MODES, f"{doc}:{number}: unknown marker {line!r}"
+            below = next(i for i in range(number, len(lines)) if lines[i].strip()) + 1
+            assert (doc, below) in blocks, f"{doc}:{number}: marker not above a bash block"
+            if found["mode"] == "skip":
+                assert len(found["reason"] or "") > 10, f"{doc}:{number}: skip without reason"
+
+
+def test_extractor_reads_markers_and_fences(tmp_path: Path) -> None:
+    (tmp_path / "README.md").write_text(
+        "# t\n## A\n```bash\necho a\n```\n<!-- readme-test: skip — needs a cluster -->\n\n"
+        "```bash\nkubectl apply\n```\n```yaml\nk: v\n```\n### B\n````bash\n```\n````\n"
+    )
+    blocks = shell_blocks(tmp_path / "README.md", tmp_path)
+    assert [(b.line, b.heading, b.mode, b.reason, b.text) for b in blocks] == [
+        (3, "## A", "run", "", "echo a\n"),
+        (8, "## A", "skip", "needs a cluster", "kubectl apply\n"),
+        (15, "### B", "run", "", "```\n"),
+    ]
+
+
+def user_env(home: Path) -> dict[str, str]:
+    """A new user's shell: no venv, no project variables, telemetry off as the project sets
+    it itself (tests never phone home)."""
+    return {
+        "HOME": str(home),
+        "PATH": "/usr/bin:/bin",
+        "LANG": "C.UTF-8",
+        "TMPDIR": os.environ.get("TMPDIR", "/tmp"),
+        "DVC_NO_ANALYTICS": "1",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "BENTOML_DO_NOT_TRACK": "true",
+    }
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    """A small checkout built by `.venv/bin/dvc repro` in a new user's shell."""
+    base = tmp_path_factory.mktemp("readme")
+    ws, _ = small_checkout(base)
+    (ws / ".venv").symlink_to(ROOT / ".venv")
+    home = base / "home"
+    home.mkdir()
+    (home / ".gitconfig").write_text("[user]\n\tname = new user\n\temail = user@localhost\n")
+    env = user_env(home)
+    run([".venv/bin/dvc", "repro"], ws, env)
+    # The small config's dvc.lock and metrics, committed as the project's are: a fresh
+    # clone's build leaves git clean (tests/test_sharing.py), so must this one.
+    run(["git", *GIT_ID, "commit", "-qam", "built"], ws, env)
+    assert not git_status(ws), "the build left files that git sees"
+    return ws, env
+
+
+def git_status(ws: Path) -> str:
+    return subprocess.run(
+        ["git", "status", "--porcelain"], cwd=ws, capture_output=True, text=True, check=True
+    ).stdout
+
+
+def run_block(block: Block, cwd: Path, env: dict[str, str], text: str | None = None) -> str:
+    result = subprocess.run(
+        ["bash", "-e", "-c", text or block.text],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, (
+        f"{block.id} ({block.heading}) exited {result.returncode}:\n{block.text}\n"
+        f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}"
+    )
+    return result.stdout
+
+
+def serving(ws: Path, env: dict[str, str], log: Path) -> tuple[subprocess.Popen, str]:
+    """`make serve` of the checkout on a free loopback port; returns the process and its
+    host:port."""
+    address = f"127.0.0.1:{free_port()}"
+    host, port = address.split(":")
+    args = ["make", "-s", "-C", str(ws), "serve", f"HOST={host}", f"PORT={port}"]
+    return start_server(args, env, log, f"http://{address}/readyz"), address
+
+
+def test_score_missing_input_one_line(project, tmp_path: Path) -> None:
+    """An input that matches no file stops `make score` (and the job) in one line with exit
+    code 2, before Spark starts (on main: PATH_NOT_FOUND in a Java and a Python traceback)."""
+    ws, env = project
+    job = [".venv/bin/python", "-m", "batch.score"]
+    for args in (
+        ["make", "-s", "score", "INPUT=data/nowhere/*.csv", "OUT=scored"],
+        [*job, "data/nowhere.parquet", "--out", "scored"],
+        [*job, str(tmp_path), "--out", "scored", "--format", "csv"],  # an empty folder
+    ):
+        result = run(args, ws, env, check=False, timeout=300)
+        assert result.returncode == 2, result.stderr
+        lines = [line for line in result.stderr.splitlines() if not line.startswith("make: ***")]
+        assert len(lines) == 1 and lines[0].startswith("score: "), result.stderr
+        assert not (ws / "scored").exists()
+
+
+@pytest.mark.parametrize("block", all_blocks(), ids=lambda b: b.id)
+def test_block_runs_verbatim(block: Block, project, tmp_path: Path) -> None:
+    """One shell block, pasted as it is (see the module docstring for service blocks)."""
+    ws, env = project
+    if block.mode == "skip":
+        pytest.skip(f"{block.heading}: {block.reason}")
+    cwd = ws
+    if block.mode == "scratch":  # a copy, so the checkout's committed files stay as they are
+        cwd = tmp_path / "scratch"
+        run(["git", "clone", "-q", str(ws), str(cwd)], tmp_path, env)
+        (cwd / ".venv").symlink_to(ROOT / ".venv")
+    if SERVICE not in block.text:
+        output = run_block(block, cwd, env)
+    else:
+        process, address = serving(cwd, env, tmp_path / "serve.log")
+        try:
+            output = run_block(block, cwd, env, block.text.replace(SERVICE, address))
+        finally:
+            stop(process)
+    for command, check in CHECKS.items():
+        if command in block.text:
+            check(block, cwd, env, output)
+
+
+def test_checkout_stays_clean(project) -> None:
+    """What the README's commands wrote (stores, scored files, inputs) is git-ignored.
+    Runs after the blocks (pytest keeps the file's order)."""
+    ws, _ = project
+    assert git_status(ws) == ""
+
+
+def test_serve_commands_in_prose(project, tmp_path: Path) -> None:
+    """What the README says `make serve` runs, and every other inline `.venv/bin/bentoml
+    serve` command, serves the Bento from the project root (on main: `bentoml serve
+    models/bento`, which fails with 'Failed to import module')."""
+    ws, env = project
+    text = " ".join((ROOT / "README.md").read_text().split())  # spans may wrap
+    said = re.search(r"`make serve` runs `([^`]+)`", text)
+    assert said, "README lost the sentence naming what `make serve` runs"
+    commands = {said[1], *re.findall(r"`(\.venv/bin/bentoml serve [^`]+)`", text)}
+    for command in sorted(commands):
+        port = free_port()
+        process = start_server(
+            ["bash", "-c", f"cd {ws} && exec {command} --port {port}"],
+            env,
+            tmp_path / "serve.log",
+            f"http://127.0.0.1:{port}/readyz",
+        )
+        stop(process)
+
+
+# What a block made, checked after it ran (keyed by a command in it): exit code 0 alone
+# would pass a curl that got a 500 back or an experiment that trained the wrong family.
+Check = Callable[[Block, Path, dict[str, str], str], None]
+TERMINAL_COLUMNS = 200
+
+
+def check_sweep(block: Block, ws: Path, env: dict[str, str], output: str) -> None:
+    """Each experiment trained the family it asked for, its model file stays in the
+    project's mlruns/, and the block's `dvc exp show` fits a terminal."""
+    shown = json.loads(run([".venv/bin/dvc", "exp", "show", "--json"], ws, env).stdout)
+    models = {}
+    for entry in shown:
+        for exp in entry.get("experiments") or []:
+            rev = exp["revs"][0]
+            models[rev["name"]] = rev["data"]["params"]["params.yaml"]["data"]["train"]["model"]
+    assert models == {"lr": "logreg", "et": "extra_trees", "hgb-slow": "hgb"}, shown
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{ws / 'mlflow.db'}")
+    experiment = mlflow.get_experiment_by_name("fraudops").experiment_id
+    for name, family in models.items():
+        runs = mlflow.search_runs([experiment], filter_string=f"tags.dvc_exp_name = '{name}'")
+        assert len(runs) == 1 and runs.iloc[0]["params.train.model"] == family
+        logged = mlflow.search_logged_models(
+            experiment_ids=[experiment],
+            filter_string=f"tags.model_md5 = '{runs.iloc[0]['tags.model_md5']}'",
+            output_format="list",
+        )
+        stored = Path(urlparse(logged[0].artifact_location).path) / "model.pkl"
+        assert stored.is_file() and (ws / "mlruns") in stored.parents
+    show = next(line for line in block.text.splitlines() if line.startswith("dvc exp show"))
+    table = run_block(block, ws, {**env, "PATH": f"{ws / '.venv/bin'}:{env['PATH']}"}, show)
+    assert all(name in table for name in models), table
+    width = max(len(line) for line in table.splitlines())
+    assert width <= TERMINAL_COLUMNS, f"`{show}` prints {width} columns:\n{table}"
+
+
+def check_remote(block: Block, ws: Path, env: dict[str, str], output: str) -> None:
+    """`make push` filled the default remote beside the project."""
+    remote = ws.parent / "fraudops-dvc-remote"
+    assert remote.is_dir() and any(remote.rglob("*")), "make push stored nothing"
+
+
+def check_service(block: Block, ws: Path, env: dict[str, str], output: str) -> None:
+    """The curl examples got scores, and the files they saved are the scored inputs."""
+    assert '"predictions"' in output and "fraud_rows_scored_total" in output, output[:2000]
+    saved = re.findall(r"-o (\S+)", block.text)
+    assert saved, "the curl block saves no file"
+    for name in saved:
+        path = ws / name
+        frame = pd.read_parquet(path) if name.endswith(".parquet") else pd.read_csv(path)
+        assert {"fraud_probability", "is_fraud", "risk_band"} <= set(frame.columns), name
+
+
+def check_score(block: Block, ws: Path, env: dict[str, str], output: str) -> None:
+    """Both jobs wrote their partitions; the last one's summary counts every row."""
+    out = ws / "scored"
+    summary = json.loads((out / "_summary.json").read_text())
+    assert summary["rows"] == summary["scored"] + sum(summary["rejected"].values()) > 0
+    batches = {path.name for path in (out / "scored").glob("batch=*")}
+    assert len(batches) >= 2, batches
+
+
+CHECKS: dict[str, Check] = {
+    "dvc exp run --run-all": check_sweep,
+    "make push": check_remote,
+    "/predict_file": check_service,
+    "make score": check_score,
+}
