@@ -8,7 +8,8 @@ evaluate to choose the threshold on: the test split stays untouched until evalua
 
 The model is serialised once: MLflow logs it (pickle, whose bytes depend only on the
 fitted model, unlike skops' time-stamped zip), and the DVC output is that same file, so
-DVC and the registry hold one artifact under one md5.
+DVC and the registry hold one artifact under one md5. The logged model's pyfunc flavor
+scores like the service once package has attached the contract (serving/mlflow_model.py).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 
 import pandas as pd
 
-from stages.lib.modeling import MODELS, calibration_name, fraud_probability, refit_calibrated
+from stages.lib.modeling import MODELS, calibration_name, refit_calibrated
 from stages.lib.project import (
     atomic_path,
     configure_environment,
@@ -89,8 +90,8 @@ def main() -> None:
     configure_environment()
     import mlflow
     import sklearn
-    from mlflow.models import infer_signature
 
+    from stages.lib.scoring_model import log_scoring_model
     from stages.lib.tracking import MODEL_ARTIFACT, start_training_run
 
     params = stage_params("train")
@@ -137,19 +138,13 @@ def main() -> None:
             }
         )
         mlflow.log_artifact(str(paths.oof))
-        example = valid[list(FEATURES)].head(5)
-        logged = mlflow.sklearn.log_model(
+        # Two flavors: sklearn (the pickle, the DVC output) and a pyfunc that applies the
+        # serving contract package adds later (stages/lib/scoring_model.py).
+        logged = log_scoring_model(
             model,
-            name="model",
-            input_example=example,
-            serialization_format=mlflow.sklearn.SERIALIZATION_FORMAT_PICKLE,
-            signature=infer_signature(example, fraud_probability(model, example)),
-            pyfunc_predict_fn="predict_proba",
+            valid[list(FEATURES)].head(5),
             # Inferring requirements re-imports the model in a subprocess (slow).
-            pip_requirements=[
-                f"scikit-learn=={sklearn.__version__}",
-                *_extra_requirements(members),
-            ],
+            [f"scikit-learn=={sklearn.__version__}", *_extra_requirements(members)],
         )
         location = mlflow.get_logged_model(logged.model_id).artifact_location
         local = mlflow.artifacts.download_artifacts(artifact_uri=f"{location}/{MODEL_ARTIFACT}")

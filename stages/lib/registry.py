@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import re
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,12 +168,15 @@ def tag_version(
     """Tag the registered version of this model file; log `metrics` to its run. A serving
     `contract` goes to the run too (named by its md5: a new contract for the same model
     adds a file) and the version's CONTRACT_TAG points at it, so a job scoring from the
-    registry (batch/) checks rows exactly as the service does."""
+    registry (batch/) checks rows exactly as the service does. It is also added to the
+    version's logged model as MODEL_CONTRACT, where the model's pyfunc flavor reads it
+    (serving/mlflow_model.py): `mlflow models serve` then answers like the service."""
     client = MlflowClient()
     path = contract and f"contracts/{hashlib.md5(contract).hexdigest()}.json"
     for version in client.search_model_versions(f"name = '{name}' and tags.model_md5 = '{md5}'"):
         if contract:
             client.log_text(version.run_id, contract.decode(), path)
+            _attach_contract(client, version, contract)
             client.set_model_version_tag(name, version.version, CONTRACT_TAG, path)
         for key, value in tags.items():
             client.set_model_version_tag(name, version.version, key, value)
@@ -215,11 +219,35 @@ def resolve(uri: str) -> RegisteredModel:
     folder = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version.version}"))
     if file_md5(folder / MODEL_ARTIFACT) != md5:
         raise LookupError(f"the registry's file for {name} v{version.version} fails its md5")
-    local = Path(
-        mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path=contract_path)
-    )
+    # The copy in the model's folder is what its pyfunc serves; versions packaged before
+    # it was attached there have the run's copy only.
+    local = folder / MODEL_CONTRACT
+    if not local.is_file():
+        local = Path(
+            mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path=contract_path)
+        )
     if f"contracts/{file_md5(local)}.json" != contract_path:
         raise LookupError(f"the contract of {name} v{version.version} fails its md5")
     return RegisteredModel(
         name, int(version.version), md5, folder / MODEL_ARTIFACT, json.loads(local.read_text())
     )
+
+
+MODEL_CONTRACT = "contract.json"  # serving/mlflow_model.py's CONTRACT_FILE
+
+
+def _attach_contract(client: MlflowClient, version: ModelVersion, contract: bytes) -> None:
+    """Add the contract to the logged model behind `version` (MLflow 3 logged models have
+    their own artifact location, which the version's downloads read). Replaces an
+    earlier package run's contract for the same model, as the version's tag moves."""
+    # The registry leaves ModelVersion.model_id empty; a version registered from a logged
+    # model (register_and_promote's `models:/<model id>`) has it as its source.
+    match = re.fullmatch(r"models:/(m-[0-9a-f]+)", version.source or "")
+    if match is None:
+        log.warning("%s v%s (source %s) has no logged model to attach its contract to",
+                    version.name, version.version, version.source)  # fmt: skip
+        return
+    with tempfile.TemporaryDirectory() as scratch:
+        local = Path(scratch) / MODEL_CONTRACT
+        local.write_bytes(contract)
+        client.log_model_artifact(match.group(1), str(local))
