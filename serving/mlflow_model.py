@@ -4,7 +4,8 @@
 this module's `_load_pyfunc` (the logged model's `python_function` loader, set by the
 train stage) on the logged model's folder. It holds `model.pkl`, the scikit-learn model
 that train logged, and `contract.json`, which the package stage adds to the same logged
-model once the contract exists (threshold and ranges come from evaluate and package).
+model once the contract exists (threshold and ranges come from evaluate and package),
+along with the current copy of this module and the two it imports (code/serving/).
 Without a contract, or with a contract for another model file, it refuses to load: the
 model alone would answer bare probabilities with no checks, threshold or risk band.
 

@@ -202,6 +202,12 @@ def main() -> None:
             # the registry (batch/score.py) and check rows as this Bento's service does.
             contract=contract_bytes,
         )
+        from serving.mlflow_model import SHIPPED
+        from stages.lib.registry import attach_scoring_code
+
+        # The version's pyfunc runs this Bento's serving code, not that of the run that
+        # first logged this model file (a retrained identical file keeps its version).
+        attach_scoring_code(name, md5, [serving / file for file in SHIPPED])
 
 
 if __name__ == "__main__":

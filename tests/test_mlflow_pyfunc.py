@@ -27,6 +27,7 @@ from .conftest import (
     bento_dir,
     build_workspace,
     free_port,
+    run,
     start_bento,
     start_server,
     stop,
@@ -220,3 +221,27 @@ def test_spark_udf_scores_like_the_bento(
         spark.stop()
         mlflow.set_tracking_uri(None)
     _same_scores(scored, bento_scores)
+
+
+def test_package_brings_the_pyfunc_serving_code_up_to_date(built) -> None:
+    """A serving change retrains the same model file, which keeps its registered version
+    and so that version's logged model: package must refresh the code the pyfunc runs.
+    (Last in the module: it changes the shared workspace.)"""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    ws, env = built
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    try:
+        before = MlflowClient().get_model_version_by_alias("fraud-detector", "champion")
+        scoring = ws / "serving" / "scoring.py"
+        scoring.write_text(scoring.read_text() + "\n# a serving change\n")
+        run(["dvc", "repro"], ws, env)
+        after = MlflowClient().get_model_version_by_alias("fraud-detector", "champion")
+        assert after.version == before.version
+        folder = Path(mlflow.artifacts.download_artifacts(CHAMPION))
+        assert (folder / "code" / "serving" / "scoring.py").read_bytes() == scoring.read_bytes()
+        model = mlflow.pyfunc.load_model(CHAMPION)  # and it still loads and scores
+        assert len(model.predict(pd.read_parquet(ws / "data/split/test.parquet").head(3))) == 3
+    finally:
+        mlflow.set_tracking_uri(None)

@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import re
+import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -240,14 +241,38 @@ def _attach_contract(client: MlflowClient, version: ModelVersion, contract: byte
     """Add the contract to the logged model behind `version` (MLflow 3 logged models have
     their own artifact location, which the version's downloads read). Replaces an
     earlier package run's contract for the same model, as the version's tag moves."""
-    # The registry leaves ModelVersion.model_id empty; a version registered from a logged
-    # model (register_and_promote's `models:/<model id>`) has it as its source.
-    match = re.fullmatch(r"models:/(m-[0-9a-f]+)", version.source or "")
-    if match is None:
-        log.warning("%s v%s (source %s) has no logged model to attach its contract to",
-                    version.name, version.version, version.source)  # fmt: skip
+    model_id = _logged_model_id(version)
+    if model_id is None:
         return
     with tempfile.TemporaryDirectory() as scratch:
         local = Path(scratch) / MODEL_CONTRACT
         local.write_bytes(contract)
-        client.log_model_artifact(match.group(1), str(local))
+        client.log_model_artifact(model_id, str(local))
+
+
+def _logged_model_id(version: ModelVersion) -> str | None:
+    # The registry leaves ModelVersion.model_id empty; a version registered from a logged
+    # model (register_and_promote's `models:/<model id>`) has it as its source.
+    match = re.fullmatch(r"models:/(m-[0-9a-f]+)", version.source or "")
+    if match is None:
+        log.warning("%s v%s (source %s) has no logged model to attach serving files to",
+                    version.name, version.version, version.source)  # fmt: skip
+    return match and match.group(1)
+
+
+def attach_scoring_code(name: str, md5: str, files: list[Path]) -> None:
+    """Replace the serving modules in the code/serving/ folder of the logged model behind
+    each version of this model file (the pyfunc flavor imports them from there). A
+    version keeps the logged model it was registered from, whose code is that of the
+    first run that logged this file; the package stage brings it up to date."""
+    client = MlflowClient()
+    for version in client.search_model_versions(f"name = '{name}' and tags.model_md5 = '{md5}'"):
+        model_id = _logged_model_id(version)
+        if model_id is None:
+            continue
+        with tempfile.TemporaryDirectory() as scratch:
+            code = Path(scratch) / "serving"
+            code.mkdir()
+            for file in files:
+                shutil.copyfile(file, code / file.name)
+            client.log_model_artifacts(model_id, scratch, artifact_path="code")
