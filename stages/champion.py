@@ -20,8 +20,7 @@ from typing import Any
 
 import pandas as pd
 
-from stages.lib.evaluation import costs, evaluate_scores
-from stages.lib.modeling import fraud_probability, load_model
+from stages.lib.params import costs
 from stages.lib.project import (
     configure_environment,
     file_md5,
@@ -70,6 +69,10 @@ def scored_record(fresh: dict[str, Any], run: Any, cfg: dict, test: pd.DataFrame
     today's test split, around its identity."""
     import mlflow
 
+    # Only when the champion changed: scikit-learn's import alone costs ~1.5 s, which a
+    # no-op `dvc repro` should not pay.
+    from stages.lib.evaluation import evaluate_scores
+    from stages.lib.modeling import fraud_probability, load_model
     from stages.lib.registry import download_model
 
     model = load_model(download_model(fresh["registered_model"], "champion", fresh["model_md5"]))

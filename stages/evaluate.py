@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from stages.lib.evaluation import costs, evaluate_scores, plot_data, score_metrics
+from stages.lib.evaluation import evaluate_scores, plot_data, score_metrics
 from stages.lib.modeling import fraud_probability, load_model
+from stages.lib.params import costs
 from stages.lib.project import (
     atomic_path,
     configure_environment,

@@ -19,6 +19,8 @@ from sklearn.metrics import (
     roc_curve,
 )
 
+from stages.lib.params import costs
+
 MAX_CURVE_POINTS = 400
 
 
@@ -149,14 +151,6 @@ def plot_data(
             )
         ),
         "confusion": confusion,
-    }
-
-
-def costs(cfg: dict) -> dict[str, float]:
-    """The two business costs of the `evaluate` params, as score_metrics takes them."""
-    return {
-        "cost_missed_fraud": float(cfg["cost_missed_fraud"]),
-        "cost_false_alarm": float(cfg["cost_false_alarm"]),
     }
 
 

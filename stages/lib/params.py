@@ -258,3 +258,11 @@ def load_params(path: Any) -> dict[str, Any]:
     except ValidationError as exc:
         raise ParamsError(error_lines(exc)) from None
     return raw
+
+
+def costs(evaluate: dict[str, Any]) -> dict[str, float]:
+    """The two business costs of the `evaluate` params, as the metrics take them."""
+    return {
+        "cost_missed_fraud": float(evaluate["cost_missed_fraud"]),
+        "cost_false_alarm": float(evaluate["cost_false_alarm"]),
+    }

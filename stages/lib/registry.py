@@ -24,7 +24,6 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from stages.lib.modeling import load_model
 from stages.lib.project import file_md5
 from stages.lib.tracking import MODEL_ARTIFACT
 
@@ -105,6 +104,8 @@ def register_and_promote(
         promoted = True
         reason = f"champion v{champion.version} predates content-addressed models"
     else:
+        from stages.lib.modeling import load_model  # scikit-learn: only when scoring one
+
         champion_model = load_model(download_model(name, "champion", champion_md5))
         champion_score = float(score_champion(champion_model))
         promoted = candidate_score > champion_score
