@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 from typing import Any
-
-import pandas as pd
 
 from stages.lib.params import costs
 from stages.lib.project import (
@@ -64,10 +63,11 @@ def identity(md5: str, run: Any, cfg: dict, test_md5: str) -> dict[str, Any]:
     }
 
 
-def scored_record(fresh: dict[str, Any], run: Any, cfg: dict, test: pd.DataFrame) -> dict:
+def scored_record(fresh: dict[str, Any], run: Any, cfg: dict, test_path: Path) -> dict:
     """The champion's threshold (from its own run's out-of-fold scores) and its metrics on
     today's test split, around its identity."""
     import mlflow
+    import pandas as pd
 
     # Only when the champion changed: scikit-learn's import alone costs ~1.5 s, which a
     # no-op `dvc repro` should not pay.
@@ -76,6 +76,7 @@ def scored_record(fresh: dict[str, Any], run: Any, cfg: dict, test: pd.DataFrame
     from stages.lib.registry import download_model
 
     model = load_model(download_model(fresh["registered_model"], "champion", fresh["model_md5"]))
+    test = pd.read_parquet(test_path)
     oof = pd.read_parquet(
         mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=OOF_ARTIFACT)
     )
@@ -141,8 +142,7 @@ def main() -> None:
             md5,
             held.get("model_md5") if held else "none",
         )
-        test = pd.read_parquet(paths.split / "test.parquet")
-        write_json(paths.champion, scored_record(fresh, run, cfg, test))
+        write_json(paths.champion, scored_record(fresh, run, cfg, paths.split / "test.parquet"))
 
 
 if __name__ == "__main__":
