@@ -19,9 +19,10 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.lock
+$(VENV)/.installed: requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --disable-pip-version-check -q -r requirements.lock
+	$(BIN)/pip install --disable-pip-version-check -q --no-deps -e .
 	touch $@
 
 # Debian packages the tests drive for real: Prometheus (+ promtool), Chromium and its
@@ -60,7 +61,7 @@ up: setup system-deps
 
 down:
 	$(BIN)/python -m monitoring.stack down
-	$(BIN)/python deploy/mlflow_server.py down
+	$(BIN)/python -m deploy.mlflow_server down
 
 # Batch scoring with Spark from the registry: make score INPUT='data/incoming/*.csv' OUT=scored
 # [MODEL=models:/fraud-detector@candidate] [MASTER=spark://host:7077]. See batch/score.py.
@@ -71,7 +72,7 @@ score: setup
 # MLflow for a team: PostgreSQL (under .run/postgres) behind `mlflow server` on
 # 127.0.0.1:5001; then `export MLFLOW_TRACKING_URI=http://127.0.0.1:5001`. `make down` stops it.
 mlflow-server: setup
-	$(BIN)/python deploy/mlflow_server.py up $(if $(ARTIFACTS),--artifacts-destination $(ARTIFACTS))
+	$(BIN)/python -m deploy.mlflow_server up $(if $(ARTIFACTS),--artifacts-destination $(ARTIFACTS))
 
 ui: setup
 	$(BIN)/streamlit run ui/app.py --server.address $(HOST) --server.port 8501 \
@@ -79,7 +80,7 @@ ui: setup
 
 # The dashboard's panels as one PNG, from Prometheus (needs `make up` and some traffic).
 snapshot: setup
-	$(BIN)/python monitoring/snapshot.py --prometheus http://127.0.0.1:9090 --minutes $(SNAPSHOT_MINUTES) --out monitoring/snapshot.png
+	$(BIN)/python -m monitoring.snapshot --prometheus http://127.0.0.1:9090 --minutes $(SNAPSHOT_MINUTES) --out monitoring/snapshot.png
 
 test: setup system-deps
 	$(BIN)/ruff check .
@@ -92,13 +93,13 @@ test-reliability: setup
 	FRAUD_FUZZ_EXAMPLES=1000 FRAUD_SOAK_SECONDS=120 \
 	  FRAUD_RELIABILITY_REPORT=$(CURDIR)/bench/results/reliability.json \
 	  $(BIN)/python -m pytest -q -m reliability tests/test_service.py tests/test_serving_validation.py
-	$(BIN)/python bench/reliability.py
+	$(BIN)/python -m bench.reliability
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
 bench: setup
-	$(BIN)/python bench/pipeline.py
+	$(BIN)/python -m bench.pipeline
 	$(MAKE) bench-serving
 
 # Serving only: in-process runtimes, single rows vs BentoML's floor, batches, a CPU hog.
@@ -106,7 +107,7 @@ bench-serving: setup
 	@command -v hey >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y -q hey; } \
 	  || echo "bench-serving: no 'hey' (apt-get install hey): single rows use a Python client"
 	@test -f "$(BENTO_DIR)/bento.yaml" || $(MAKE) pipeline
-	$(BIN)/python bench/serving.py
+	$(BIN)/python -m bench.serving
 
 # Share pipeline outputs through the DVC remote (.dvc/config; see README "Sharing artifacts").
 push: setup
@@ -118,18 +119,18 @@ pull: setup
 # Model quality on the real first day (../shared/, skipped when absent) and the synthetic data.
 # Spark local, pandas and the service on the same 1M rows: bench/results/scale.md.
 bench-scale: setup
-	$(BIN)/python bench/scale.py
+	$(BIN)/python -m bench.scale
 
 bench-model: setup
-	$(BIN)/python bench/model.py
+	$(BIN)/python -m bench.model
 
 # Do the families rank on the synthetic default as on the real first day? bench/results/ranking.md.
 bench-ranking: setup
-	$(BIN)/python bench/ranking.py
+	$(BIN)/python -m bench.ranking
 
 # deploy/k8s's copies of monitoring/'s alert rules and dashboards (a test keeps them equal).
 k8s-manifests: setup
-	$(BIN)/python deploy/k8s/render.py
+	$(BIN)/python -m deploy.k8s.render
 
 # The service's container image, from the Bento's generated Dockerfile. Needs a Docker
 # engine (none on the CI machines): push it where your cluster pulls from.

@@ -41,10 +41,9 @@ from typing import Any
 
 import yaml
 
+from stages.lib.project import setup_logging
+
 ROOT = Path(__file__).resolve().parents[1]
-if not __package__:  # run as a script (spark-submit batch/score.py): the project root first
-    sys.path[0] = str(ROOT)
-from stages.lib.project import setup_logging  # noqa: E402
 
 log = logging.getLogger("fraudops.batch")
 SCORES = ["fraud_probability", "is_fraud", "risk_band"]

@@ -14,23 +14,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import pandas as pd
 import yaml
 
+from stages.lib.evaluation import choose_threshold, score_metrics
+from stages.lib.modeling import fraud_probability, refit_calibrated
+from stages.lib.search import run_search
+from stages.lib.splitting import split_frame
+from stages.lib.synthetic import generate_from_params
+from stages.lib.validation import validate
+
 ROOT = Path(__file__).resolve().parents[1]
-# Run as a script, sys.path[0] is bench/, where serving.py would shadow the
-# serving package: the repository root replaces it.
-sys.path[0] = str(ROOT)
-from stages.lib.evaluation import choose_threshold, score_metrics  # noqa: E402
-from stages.lib.modeling import fraud_probability, refit_calibrated  # noqa: E402
-from stages.lib.search import run_search  # noqa: E402
-from stages.lib.splitting import split_frame  # noqa: E402
-from stages.lib.synthetic import generate_from_params  # noqa: E402
-from stages.lib.validation import validate  # noqa: E402
 
 REAL_DAY1 = ROOT.parent / "shared" / "data" / "ulb_day1.parquet"
 RESULTS = ROOT / "bench" / "results"

@@ -20,10 +20,7 @@ from pathlib import Path
 
 import yaml
 
-# Run as a script, sys.path[0] is bench/, where serving.py would shadow the
-# serving package: the repository root replaces it.
-sys.path[0] = str(Path(__file__).resolve().parents[1])
-from stages.lib.project import copy_checkout  # noqa: E402
+from stages.lib.project import copy_checkout
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

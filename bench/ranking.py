@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -24,14 +23,14 @@ import pandas as pd
 import yaml
 from sklearn.metrics import average_precision_score
 
+from stages.lib import modeling
+from stages.lib.family_ranking import ap_interval, ranking, rolling_average_precision
+from stages.lib.schema import FEATURES
+from stages.lib.splitting import split_frame
+from stages.lib.synthetic import generate_from_params
+from stages.lib.validation import validate
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[0] = str(ROOT)  # bench/serving.py would shadow the serving package
-from stages.lib import modeling  # noqa: E402
-from stages.lib.family_ranking import ap_interval, ranking, rolling_average_precision  # noqa: E402
-from stages.lib.schema import FEATURES  # noqa: E402
-from stages.lib.splitting import split_frame  # noqa: E402
-from stages.lib.synthetic import generate_from_params  # noqa: E402
-from stages.lib.validation import validate  # noqa: E402
 
 REAL_DAY1 = ROOT.parent / "shared" / "data" / "ulb_day1.parquet"
 RESULTS = ROOT / "bench" / "results"

@@ -19,7 +19,6 @@ import io
 import json
 import os
 import subprocess
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -29,15 +28,15 @@ import numpy as np
 import pandas as pd
 import requests
 
+from batch.score import default_model
+from bench.serving import cpu_hog
+from serving.runtime import OnnxRuntime, SklearnRuntime
+from serving.scoring import risk_band, row_rules
+from stages.lib.project import pipeline_path
+from stages.lib.registry import resolve
+from stages.lib.servers import BIN, start_bento, stop
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[0] = str(ROOT)  # run as a script: the repository root, not bench/
-from batch.score import default_model  # noqa: E402
-from bench.serving import cpu_hog  # noqa: E402
-from serving.runtime import OnnxRuntime, SklearnRuntime  # noqa: E402
-from serving.scoring import risk_band, row_rules  # noqa: E402
-from stages.lib.project import pipeline_path  # noqa: E402
-from stages.lib.registry import resolve  # noqa: E402
-from stages.lib.servers import BIN, start_bento, stop  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 ROWS = 1_000_000

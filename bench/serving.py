@@ -31,12 +31,10 @@ import numpy as np
 import pandas as pd
 import requests
 
+from stages.lib.project import pipeline_path
+from stages.lib.servers import BIN, free_port, start_bento, start_server, stop
+
 ROOT = Path(__file__).resolve().parents[1]
-# Run as a script, sys.path[0] is bench/, where serving.py would shadow the
-# serving package: the repository root replaces it.
-sys.path[0] = str(ROOT)
-from stages.lib.project import pipeline_path  # noqa: E402
-from stages.lib.servers import BIN, free_port, start_bento, start_server, stop  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 SIZES = (1, 100, 10_000, 100_000)
@@ -69,9 +67,9 @@ def start_noop(env: dict[str, str], workdir: Path) -> tuple[subprocess.Popen, st
 
 
 def load_runtimes(bento: Path, threads: int) -> dict:
-    """The service's own runtime module over the Bento's model files."""
-    sys.path.insert(0, str(bento / "src"))
-    import runtime  # the Bento's serving/runtime.py
+    """The service's own runtime module over the Bento's model files (the Bento's src is
+    built from this checkout's serving package)."""
+    from serving import runtime
 
     model_dir = next(p for p in (bento / "models").glob("*/*") if p.is_dir())
     contract = json.loads((model_dir / "contract.json").read_text())

@@ -19,16 +19,15 @@ import pwd
 import secrets
 import shutil
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg2
 
+from monitoring.stack import stop_tracked
+from stages.lib.servers import BIN, start_server
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run as a script
-from monitoring.stack import stop_tracked  # noqa: E402
-from stages.lib.servers import BIN, start_server  # noqa: E402
 
 RUN = ROOT / ".run"
 HOST = "127.0.0.1"

@@ -33,8 +33,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import psutil
-from runtime import load_runtime
-from scoring import RequestError, read_upload, score, validate, write_table
+
+from serving.runtime import load_runtime
+from serving.scoring import RequestError, read_upload, score, validate, write_table
 
 NICENESS = 10  # files are background work next to single transactions
 SCRATCH = "fraud_scoring"  # under the system temp dir: one folder per worker pid

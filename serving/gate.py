@@ -26,8 +26,9 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from python_multipart.multipart import MultipartParser, parse_options_header
-from scoring import RequestError
 from starlette.responses import JSONResponse
+
+from serving.scoring import RequestError
 
 SPOOL_IN_MEMORY = 1024 * 1024  # bytes of a body kept in memory; the rest goes to disk
 CHUNK = 64 * 1024

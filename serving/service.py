@@ -23,21 +23,21 @@ import bentoml
 import numpy as np
 import pandas as pd
 from bentoml.validators import ContentType
-from drift import DriftWindow
-from file_lane import FileLane, score_file_with
-from gate import RequestGate, RouteRule
-from openapi import PublishedSchema
 from pydantic import BaseModel, StrictFloat, ValidationError
-from runtime import load_runtime
-from scoring import RequestError, score, validate_records
-from settings import Settings
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
-import metrics
+from serving import metrics
+from serving.drift import DriftWindow
+from serving.file_lane import FileLane, score_file_with
+from serving.gate import RequestGate, RouteRule
+from serving.openapi import PublishedSchema
+from serving.runtime import load_runtime
+from serving.scoring import RequestError, score, validate_records
+from serving.settings import Settings
 
 # Under "bentoml": the server only prints its own loggers' records (ours were dropped).
 log = logging.getLogger("bentoml.fraud_scoring")

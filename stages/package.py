@@ -170,7 +170,7 @@ def main() -> None:
         except NotFound:
             bento = bentoml.bentos.build_bentofile(
                 bentofile=str(serving / BENTOFILE),
-                build_ctx=str(serving),
+                build_ctx=str(serving.parent),
                 version=bento_version,
                 labels={"registered_model": name, "model_md5": md5},
                 args=args,

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import onnx
 import pandas as pd
 import pytest
 from onnx import numpy_helper
 
+from serving import runtime
 from stages.lib.compiled import INPUT, OUTPUT, NotCompilable, compile_model, session, verify
 from stages.lib.modeling import fraud_probability, refit_calibrated
 from stages.lib.schema import FEATURES
@@ -25,7 +23,6 @@ SMALL = {
     "logreg": {"C": 0.1, "class_weight": "balanced"},
 }
 TRAIN = {"seed": 0, "calibration": "auto", "calibration_folds": 2}
-SERVING = Path(__file__).resolve().parents[1] / "serving"
 
 
 @pytest.fixture(scope="module")
@@ -86,16 +83,8 @@ def test_model_without_a_conversion_is_served_by_sklearn(frame, rows) -> None:
     assert compiled is None and runtime["default"] == "sklearn" and runtime["reason"]
 
 
-def _serving_module(name: str):
-    spec = importlib.util.spec_from_file_location(f"serving_{name}", SERVING / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_serving_runtimes_agree(frame, rows, tmp_path) -> None:
-    """The service's two runtimes, loaded from files as the Bento holds them."""
-    runtime = _serving_module("runtime")
+    """The service's two runtimes, over model files as the Bento holds them."""
     model = fitted(frame, ["lightgbm"])
     compiled, contract_runtime = compiled_runtime(model, rows, 0.05, 1e-6)
     (tmp_path / "model.onnx").write_bytes(compiled)

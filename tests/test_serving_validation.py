@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import io
 
 import numpy as np
@@ -11,14 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from serving import scoring
 from stages.lib.contract import feature_ranges
 from stages.lib.schema import FEATURES
-
-from .conftest import ROOT
-
-spec = importlib.util.spec_from_file_location("serving_scoring", ROOT / "serving" / "scoring.py")
-scoring = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(scoring)
 
 CONTRACT = {
     "features": [

@@ -7,7 +7,6 @@ import http.server
 import io
 import os
 import shutil
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ import pytest
 import requests
 
 from monitoring.stack import ui_command
+from ui import client
 
 from .conftest import (
     REAL_SAMPLE,
@@ -29,9 +29,6 @@ from .conftest import (
     start_server,
     stop,
 )
-
-sys.path.insert(0, str(ROOT / "ui"))
-import client  # noqa: E402
 
 pytestmark = pytest.mark.integration
 SAMPLE = ROOT / "ui" / "sample_transactions.csv"

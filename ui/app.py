@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import os
-import sys
 from pathlib import Path
 
 import altair as alt
@@ -16,8 +15,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import client  # noqa: E402
+from ui import client
 
 SAMPLE = Path(__file__).resolve().parent / "sample_transactions.csv"
 TOP_N = 20

@@ -4,11 +4,9 @@ numbers shown for a threshold. HTTP only; the model never loads here."""
 from __future__ import annotations
 
 import io
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,12 +17,11 @@ from sklearn.metrics import precision_recall_curve
 from urllib3.exceptions import MaxRetryError, ReadTimeoutError
 from urllib3.util import Retry
 
-RETRIES = 3
-
 # The contract check is the service's own module (it needs only numpy, pandas, pyarrow):
 # the UI refuses a file for exactly the reasons, and with the words, the service would.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "serving"))
-import scoring  # noqa: E402
+from serving import scoring
+
+RETRIES = 3
 
 RETRY_STATUSES = (429, 500, 502, 503, 504)
 
