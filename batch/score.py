@@ -41,12 +41,13 @@ from typing import Any
 
 import yaml
 
+from serving.contract import OUTPUT_COLUMNS, Contract
 from stages.lib.project import setup_logging
 
 ROOT = Path(__file__).resolve().parents[1]
 
 log = logging.getLogger("fraudops.batch")
-SCORES = ["fraud_probability", "is_fraud", "risk_band"]
+SCORES = list(OUTPUT_COLUMNS)
 REJECTS = ["reject_rule", "reject_column", "reject_reason", "raw_record"]
 LINEAGE = ["threshold", "model_name", "model_version", "model_md5", "source_file"]
 # The code executors import, shipped to them as a zip (a cluster has no project checkout).
@@ -156,7 +157,6 @@ def read_inputs(spark, paths: list[str], fmt: str):
 def check_inputs(frame, features: list[str]) -> list[str]:
     """The input files, once the columns and file names are fit to score."""
     from batch.worker import ADDED
-    from serving.scoring import OUTPUT_COLUMNS
 
     columns = set(frame.columns)
     missing = [name for name in features if name not in columns]
@@ -210,10 +210,10 @@ def run_job(
 
     started = time.monotonic()
     model = resolve(model_uri)
-    contract = {k: model.contract[k] for k in ("features", "threshold", "risk_bands")}
-    features = [f["name"] for f in contract["features"]]
+    contract = model.contract
+    features = contract.feature_names
     log.info("model %s v%d (md5 %s), threshold %.4f", model.name, model.version, model.md5,
-             contract["threshold"])  # fmt: skip
+             contract.threshold)  # fmt: skip
     spark = spark_session(master, conf)
     spark_start = time.monotonic() - started
     try:
@@ -231,7 +231,7 @@ def run_job(
                 from_arrow_schema(schema),
             ).select(
                 "*",
-                F.lit(float(contract["threshold"])).alias("threshold"),
+                F.lit(contract.threshold).alias("threshold"),
                 F.lit(model.name).alias("model_name"),
                 F.lit(str(model.version)).alias("model_version"),
                 F.lit(model.md5).alias("model_md5"),
@@ -267,7 +267,7 @@ def run_job(
 
 
 def _summary(
-    counts: list[Any], model: Any, contract: dict[str, Any], inputs: list[str], master: str,
+    counts: list[Any], model: Any, contract: Contract, inputs: list[str], master: str,
     started: float,
 ) -> dict[str, Any]:  # fmt: skip
     per_file: dict[str, dict[str, Any]] = {}
@@ -287,7 +287,7 @@ def _summary(
     return {
         "model": f"models:/{model.name}/{model.version}",
         "model_md5": model.md5,
-        "threshold": contract["threshold"],
+        "threshold": contract.threshold,
         "inputs": inputs,
         "master": master,
         "rows": sum(e["rows"] for e in per_file.values()),

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
-from typing import Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from serving.contract import Contract
 from serving.runtime import SklearnRuntime
 from serving.scoring import RequestError, risk_band, row_rules, rule_message
 
@@ -65,10 +65,10 @@ def _raw_records(frame: pd.DataFrame, features: list[str]) -> np.ndarray:
 
 
 def score_batch(
-    batch: pa.RecordBatch, contract: dict[str, Any], model_path: str, model_md5: str
+    batch: pa.RecordBatch, contract: Contract, model_path: str, model_md5: str
 ) -> pa.RecordBatch:
     """One batch: good rows scored, every other row named with the first rule it breaks."""
-    features = [f["name"] for f in contract["features"]]
+    features = contract.feature_names
     frame = batch.to_pandas()
     n = len(frame)
     try:
@@ -89,7 +89,7 @@ def score_batch(
         rows = pd.DataFrame(matrix[good], columns=features)
         probability[good] = _runtime(model_path, model_md5).probability(rows)
     bands = np.full(n, None, dtype=object)
-    bands[good] = risk_band(probability[good], contract["risk_bands"])
+    bands[good] = risk_band(probability[good], contract.risk_bands)
     reason = np.full(n, None, dtype=object)
     for i in np.flatnonzero(rejected):
         reason[i] = (
@@ -107,7 +107,7 @@ def score_batch(
     columns.update({name: matrix[:, j] for j, name in enumerate(features)})
     columns.update(
         fraud_probability=np.where(good, probability, None),
-        is_fraud=np.where(good, probability >= float(contract["threshold"]), None),
+        is_fraud=np.where(good, probability >= contract.threshold, None),
         risk_band=bands,
         reject_rule=rule,
         reject_column=column,
@@ -119,7 +119,7 @@ def score_batch(
 
 
 def score_batches(
-    batches: Iterator[pa.RecordBatch], contract: dict[str, Any], model_path: str, model_md5: str
+    batches: Iterator[pa.RecordBatch], contract: Contract, model_path: str, model_md5: str
 ) -> Iterator[pa.RecordBatch]:
     for batch in batches:
         yield score_batch(batch, contract, model_path, model_md5)

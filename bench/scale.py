@@ -29,7 +29,7 @@ import pandas as pd
 import requests
 
 from batch.score import default_model
-from bench.serving import cpu_hog
+from bench.serving import bento_model, cpu_hog
 from serving.runtime import OnnxRuntime, SklearnRuntime
 from serving.scoring import risk_band, row_rules
 from stages.lib.project import pipeline_path
@@ -55,9 +55,9 @@ def make_input(folder: Path) -> Path:
 
 def onnx_runtime(bento: Path) -> OnnxRuntime:
     """The compiled graph the service runs, from the Bento, as the service loads it."""
-    folder = next(p for p in (bento / "models").glob("*/*") if p.is_dir())
-    spec = json.loads((folder / "contract.json").read_text())["runtime"]["onnx"]
-    return OnnxRuntime(str(folder / spec["file"]), spec, threads=os.cpu_count() or 1)
+    folder, contract = bento_model(bento)
+    spec = contract.runtime.onnx
+    return OnnxRuntime(str(folder / spec.file), spec, threads=os.cpu_count() or 1)
 
 
 def pandas_case(path: Path, model, out: Path, runtime) -> dict:
@@ -65,11 +65,11 @@ def pandas_case(path: Path, model, out: Path, runtime) -> dict:
     frame = pd.read_parquet(path)
     matrix, rules, _ = row_rules(frame, model.contract)
     assert all(rule is None for rule in rules)
-    names = [f["name"] for f in model.contract["features"]]
+    names = model.contract.feature_names
     probability = runtime.probability(pd.DataFrame(matrix, columns=names))
     frame["fraud_probability"] = probability
-    frame["is_fraud"] = probability >= model.contract["threshold"]
-    frame["risk_band"] = risk_band(probability, model.contract["risk_bands"])
+    frame["is_fraud"] = probability >= model.contract.threshold
+    frame["risk_band"] = risk_band(probability, model.contract.risk_bands)
     frame.to_parquet(out, index=False)
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "mean_probability": float(probability.mean())}
@@ -140,7 +140,7 @@ def main() -> None:
     results: dict = {
         "date": time.strftime("%Y-%m-%d"),
         "cpus": os.cpu_count(),
-        "model": f"{model.name} v{model.version} ({model.contract['lineage']['model_family']})",
+        "model": f"{model.name} v{model.version} ({model.contract.lineage.model_family})",
         "cases": {},
     }
     cases = results["cases"]

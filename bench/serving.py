@@ -31,6 +31,8 @@ import numpy as np
 import pandas as pd
 import requests
 
+from serving.contract import Contract
+from serving.runtime import load_runtime
 from stages.lib.project import pipeline_path
 from stages.lib.servers import BIN, free_port, start_bento, start_server, stop
 
@@ -69,15 +71,18 @@ def start_noop(env: dict[str, str], workdir: Path) -> tuple[subprocess.Popen, st
 def load_runtimes(bento: Path, threads: int) -> dict:
     """The service's own runtime module over the Bento's model files (the Bento's src is
     built from this checkout's serving package)."""
-    from serving import runtime
-
-    model_dir = next(p for p in (bento / "models").glob("*/*") if p.is_dir())
-    contract = json.loads((model_dir / "contract.json").read_text())
+    model_dir, contract = bento_model(bento)
     path_of = lambda name: str(model_dir / name)  # noqa: E731
-    found = {"sklearn": runtime.load_runtime("sklearn", contract, path_of, threads)}
-    if contract.get("runtime", {}).get("onnx"):
-        found["onnx"] = runtime.load_runtime("onnx", contract, path_of, threads)
+    found = {"sklearn": load_runtime("sklearn", contract.runtime, path_of, threads)}
+    if contract.runtime.onnx:
+        found["onnx"] = load_runtime("onnx", contract.runtime, path_of, threads)
     return found
+
+
+def bento_model(bento: Path) -> tuple[Path, Contract]:
+    """The folder of the model inside an exported Bento, and its contract."""
+    folder = next(p for p in (bento / "models").glob("*/*") if p.is_dir())
+    return folder, Contract.read(folder / "contract.json")
 
 
 def in_process(runtimes: dict, frame: pd.DataFrame) -> dict:

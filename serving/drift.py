@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from serving.contract import Reference
+
 EPSILON = 1e-4  # floor on a bin's share, so an empty bin does not make PSI infinite
 
 
@@ -32,17 +34,12 @@ def psi(expected: np.ndarray, actual_counts: np.ndarray) -> float:
 class DriftWindow:
     """Bin counts of the last `window_rows` scored rows, per reference distribution."""
 
-    def __init__(self, reference: dict[str, Any], window_rows: int) -> None:
-        score = reference["score"]
+    def __init__(self, reference: Reference, window_rows: int) -> None:
         # Inner edges only: values below the first or above the last land in the end bins.
         self.bins = {
-            "score": (np.asarray(score["edges"][1:-1], float), np.asarray(score["fractions"]))
+            name: (np.asarray(spec.edges[1:-1], float), np.asarray(spec.fractions))
+            for name, spec in {"score": reference.score, **reference.features}.items()
         }
-        for name, spec in reference["features"].items():
-            self.bins[name] = (
-                np.asarray(spec["edges"][1:-1], float),
-                np.asarray(spec["fractions"]),
-            )
         self.window_rows = window_rows
         self.batches: deque[tuple[int, dict[str, np.ndarray]]] = deque()
         self.totals = {name: np.zeros(len(frac), np.int64) for name, (_, frac) in self.bins.items()}

@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +35,10 @@ import numpy as np
 import pandas as pd
 import psutil
 
-from serving.runtime import load_runtime
+from serving.contract import Contract
+from serving.runtime import Runtime, load_runtime
 from serving.scoring import RequestError, read_upload, score, validate, write_table
+from serving.settings import Settings
 
 NICENESS = 10  # files are background work next to single transactions
 SCRATCH = "fraud_scoring"  # under the system temp dir: one folder per worker pid
@@ -43,17 +46,36 @@ SCRATCH = "fraud_scoring"  # under the system temp dir: one folder per worker pi
 # Under "bentoml": the server only prints its own loggers' records (ours were dropped).
 log = logging.getLogger("bentoml.fraud_scoring")
 
-# Set in the child by _start(): the contract, the settings and the runtime.
-_CHILD: dict[str, Any] = {}
+
+@dataclass(frozen=True)
+class FileRequest:
+    """One uploaded file to score: where it is, its client-given name (for the type), the
+    output format, the threshold and where the scored copy goes."""
+
+    upload: str
+    filename: str | None
+    output_format: str
+    threshold: float
+    out_path: str
 
 
-def _start(contract: dict[str, Any], files: dict[str, str], settings: Any) -> None:
+@dataclass(frozen=True)
+class Scorer:
+    """What a file is scored with: the contract, the service settings and a runtime."""
+
+    contract: Contract
+    settings: Settings
+    runtime: Runtime
+
+
+# Set in the child by _start().
+_CHILD: dict[str, Scorer] = {}
+
+
+def _start(contract: Contract, files: dict[str, str], settings: Settings) -> None:
     os.nice(NICENESS)
-    _CHILD.update(
-        contract=contract,
-        settings=settings,
-        runtime=load_runtime(settings.runtime, contract, files.__getitem__, settings.threads),
-    )
+    runtime = load_runtime(settings.runtime, contract.runtime, files.__getitem__, settings.threads)
+    _CHILD["scorer"] = Scorer(contract, settings, runtime)
 
 
 def cancel_marker(out_path: str | Path) -> Path:
@@ -61,37 +83,35 @@ def cancel_marker(out_path: str | Path) -> Path:
     return Path(f"{out_path}.cancel")
 
 
-def score_file(upload: str, filename: str | None, output_format: str, threshold: float,
-               out_path: str) -> dict[str, Any]:  # fmt: skip
+def score_file(request: FileRequest) -> dict[str, Any]:
     """In the child: the whole file request, dropped between steps if its client left."""
-    return score_file_with(_CHILD["contract"], _CHILD["settings"], _CHILD["runtime"],
-                           upload, filename, output_format, threshold, out_path,
-                           cancel_marker(out_path).exists)  # fmt: skip
+    return score_file_with(_CHILD["scorer"], request, cancel_marker(request.out_path).exists)
 
 
-def score_file_with(contract: dict[str, Any], settings: Any, runtime: Any, upload: str,
-                    filename: str | None, output_format: str, threshold: float,
-                    out_path: str, cancelled: Callable[[], bool] = lambda: False,
-                    ) -> dict[str, Any]:  # fmt: skip
+def score_file_with(
+    scorer: Scorer, request: FileRequest, cancelled: Callable[[], bool] = lambda: False
+) -> dict[str, Any]:
     """Parse, check, score and write one uploaded file. Returns the outcome as plain data:
     the error's status and body, or the output's media type and what the metrics need.
     `cancelled` is asked between the steps; when it says yes the file is dropped."""
+    contract, settings = scorer.contract, scorer.settings
     try:
         _stop_if(cancelled)  # (the server deletes the upload once the 499 is sent)
-        frame = read_upload(Path(upload).read_bytes(), filename)
+        frame = read_upload(Path(request.upload).read_bytes(), request.filename)
         _stop_if(cancelled)
         features = validate(frame, contract, settings.unknown_columns, settings.max_rows)
         _stop_if(cancelled)
         start = time.perf_counter()
-        scored = score(runtime.probability, features, threshold, contract["risk_bands"])
+        probability = scorer.runtime.probability
+        scored = score(probability, features, request.threshold, contract.risk_bands)
         seconds = time.perf_counter() - start
         _stop_if(cancelled)
     except RequestError as exc:
         return {"error": exc.status, "body": exc.body}
     result = pd.concat([frame.reset_index(drop=True), scored], axis=1)
-    payload, media = write_table(result, output_format)
-    Path(out_path).write_bytes(payload)
-    drift = {name: features[name].to_numpy() for name in contract["reference"]["features"]}
+    payload, media = write_table(result, request.output_format)
+    Path(request.out_path).write_bytes(payload)
+    drift = {name: features[name].to_numpy() for name in contract.reference.features}
     return {
         "media": media,
         "probabilities": scored["fraud_probability"].to_numpy(),
@@ -123,7 +143,7 @@ def scratch_dir() -> Path:
 class FileLane:
     """One child process per worker, restarted if it dies."""
 
-    def __init__(self, contract: dict[str, Any], files: dict[str, str], settings: Any) -> None:
+    def __init__(self, contract: Contract, files: dict[str, str], settings: Settings) -> None:
         self._args = (contract, files, settings)
         self.scratch = scratch_dir()
         self._pool = self._new_pool()
@@ -138,16 +158,14 @@ class FileLane:
             initargs=self._args,
         )
 
-    def submit(self, upload: Path, filename: str | None, output_format: str, threshold: float,
-               out_path: Path) -> Future:  # fmt: skip
-        job = (score_file, str(upload), filename, output_format, threshold, str(out_path))
+    def submit(self, request: FileRequest) -> Future:
         try:
-            return self._pool.submit(*job)
+            return self._pool.submit(score_file, request)
         except BrokenProcessPool:
             # The child died (e.g. killed for memory): start a new one for this and later files.
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = self._new_pool()
-            return self._pool.submit(*job)
+            return self._pool.submit(score_file, request)
 
     @staticmethod
     def drop(job: Future, out_path: str) -> None:

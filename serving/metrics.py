@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import psutil
 from prometheus_client import Counter, Gauge, Histogram, multiprocess
+
+from serving.contract import SCORE_EDGES, Lineage
 
 ROWS_SCORED = Counter("fraud_rows_scored_total", "Transactions scored")
 ROWS_FLAGGED = Counter("fraud_rows_flagged_total", "Transactions at or above the threshold")
@@ -29,7 +30,7 @@ INFERENCE_SECONDS = Histogram(
 PROBABILITY = Histogram(
     "fraud_probability",
     "Fraud probabilities returned",
-    buckets=(1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 0.6, 1.0),
+    buckets=SCORE_EDGES[1:],
 )
 # Gauges below are per process; "livemax" keeps one series per label set across workers.
 DRIFT_PSI = Gauge(
@@ -58,14 +59,14 @@ MODEL_INFO = Gauge(
 )
 
 
-def set_model_info(lineage: dict[str, Any], model_tag: str, runtime: str) -> None:
+def set_model_info(lineage: Lineage, model_tag: str, runtime: str) -> None:
     MODEL_INFO.labels(
         model_tag=model_tag,
         runtime=runtime,
-        registered_model=lineage["registered_model"],
-        model_md5=lineage["model_md5"],
-        model_family=str(lineage["model_family"]),
-        train_data_md5=str(lineage["train_data_md5"]),
+        registered_model=lineage.registered_model,
+        model_md5=lineage.model_md5,
+        model_family=lineage.model_family,
+        train_data_md5=lineage.train_data_md5,
     ).set(1)
 
 

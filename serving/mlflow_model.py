@@ -5,7 +5,7 @@ this module's `_load_pyfunc` (the logged model's `python_function` loader, set b
 train stage) on the logged model's folder. It holds `model.pkl`, the scikit-learn model
 that train logged, and `contract.json`, which the package stage adds to the same logged
 model once the contract exists (threshold and ranges come from evaluate and package),
-along with the current copy of this module and the two it imports (code/serving/).
+along with the current copy of this module and those it imports (code/serving/).
 Without a contract, or with a contract for another model file, it refuses to load: the
 model alone would answer bare probabilities with no checks, threshold or risk band.
 
@@ -18,7 +18,6 @@ service's rule, column and rows in the body.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -27,15 +26,15 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_DOES_NOT_EXIST
 
+from serving.contract import Contract, ContractError
 from serving.runtime import SklearnRuntime
 from serving.scoring import RequestError, score, validate
 
 LOADER_MODULE = "serving.mlflow_model"  # importable from the logged model's code/ folder
 # What the logged model carries under code/serving/: this module and what it imports.
-SHIPPED = ("mlflow_model.py", "runtime.py", "scoring.py")
+SHIPPED = ("__init__.py", "contract.py", "mlflow_model.py", "runtime.py", "scoring.py")
 MODEL_FILE = "model.pkl"  # mlflow.sklearn's file name for the pickle format
 CONTRACT_FILE = "contract.json"  # added by the package stage
-OUTPUT_COLUMNS = {"fraud_probability": "double", "is_fraud": "boolean", "risk_band": "string"}
 
 
 def invalid_input(problem: RequestError) -> MlflowException:
@@ -62,8 +61,11 @@ class ContractModel:
                 "yet. Run the package stage (`dvc repro`) with it as the champion",
                 RESOURCE_DOES_NOT_EXIST,
             )
-        self.contract: dict[str, Any] = json.loads(path.read_text())
-        expected = self.contract["lineage"]["model_md5"]
+        try:
+            self.contract = Contract.read(path)
+        except ContractError as exc:
+            raise MlflowException(str(exc), RESOURCE_DOES_NOT_EXIST) from None
+        expected = self.contract.lineage.model_md5
         model = folder / MODEL_FILE
         # Pickle runs code on load: check the file is the contract's before unpickling.
         actual = hashlib.md5(model.read_bytes()).hexdigest()
@@ -74,7 +76,7 @@ class ContractModel:
                 RESOURCE_DOES_NOT_EXIST,
             )
         self.runtime = SklearnRuntime(str(model), threads=os.cpu_count() or 1)
-        self.threshold = float(self.contract["threshold"])
+        self.threshold = self.contract.threshold
 
     def predict(self, model_input: Any, params: dict[str, Any] | None = None) -> pd.DataFrame:
         """Per row, in input order: fraud_probability, is_fraud, risk_band. `params` may
@@ -95,9 +97,7 @@ class ContractModel:
             features = validate(model_input, self.contract)
         except RequestError as problem:
             raise invalid_input(problem) from None
-        return score(
-            self.runtime.probability, features, float(threshold), self.contract["risk_bands"]
-        )
+        return score(self.runtime.probability, features, float(threshold), self.contract.risk_bands)
 
 
 def _load_pyfunc(path: str) -> ContractModel:

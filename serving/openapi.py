@@ -14,6 +14,9 @@ from typing import Any
 
 from starlette.responses import JSONResponse
 
+from serving.contract import Contract, InputSchema
+from serving.settings import Settings
+
 ERROR = {
     "type": "object",
     "required": ["error"],
@@ -52,16 +55,16 @@ THRESHOLD = {  # OpenAPI 3.0 (BentoML's): `nullable`, not a type list
 }
 
 
-def transaction_schema(contract: dict[str, Any], unknown_columns: str) -> dict[str, Any]:
+def transaction_schema(contract: InputSchema, unknown_columns: str) -> dict[str, Any]:
     """One transaction: every contract column, a number inside its valid range."""
     properties = {}
-    for spec in contract["features"]:
+    for spec in contract.features:
         number: dict[str, Any] = {"type": "number"}
-        if spec.get("valid_min") is not None:
-            number["minimum"] = spec["valid_min"]
-        if spec.get("valid_max") is not None:
-            number["maximum"] = spec["valid_max"]
-        properties[spec["name"]] = number
+        if spec.valid_min is not None:
+            number["minimum"] = spec.valid_min
+        if spec.valid_max is not None:
+            number["maximum"] = spec.valid_max
+        properties[spec.name] = number
     return {
         "type": "object",
         "required": list(properties),
@@ -70,7 +73,7 @@ def transaction_schema(contract: dict[str, Any], unknown_columns: str) -> dict[s
     }
 
 
-def describe(spec: dict[str, Any], contract: dict[str, Any], settings: Any) -> dict[str, Any]:
+def describe(spec: dict[str, Any], contract: Contract, settings: Settings) -> dict[str, Any]:
     """`spec` (BentoML's document) with the real request schemas and statuses."""
     spec = json.loads(json.dumps(spec))  # a copy
     spec.setdefault("components", {}).setdefault("schemas", {})["Error"] = ERROR
@@ -100,7 +103,7 @@ def describe(spec: dict[str, Any], contract: dict[str, Any], settings: Any) -> d
                     "fraud_probability": {"type": "number", "minimum": 0, "maximum": 1},
                     "is_fraud": {"type": "boolean"},
                     "risk_band": {"type": "string",
-                                  "enum": [b["name"] for b in contract["risk_bands"]]},
+                                  "enum": [b.name for b in contract.risk_bands]},
                 },
             }},
             "threshold": {"type": "number"},
@@ -144,7 +147,7 @@ def describe(spec: dict[str, Any], contract: dict[str, Any], settings: Any) -> d
 class PublishedSchema:
     """ASGI middleware: answers GET /docs.json with describe() of BentoML's document."""
 
-    def __init__(self, app: Any, contract: dict[str, Any], settings: Any) -> None:
+    def __init__(self, app: Any, contract: Contract, settings: Settings) -> None:
         self.app, self.contract, self.settings = app, contract, settings
         self.cached: dict[str, Any] | None = None
 

@@ -12,6 +12,7 @@ threads made one-row predictions take seconds); a big batch uses `threads`.
 from __future__ import annotations
 
 import pickle
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import numpy as np
@@ -19,7 +20,23 @@ import pandas as pd
 import sklearn
 from threadpoolctl import threadpool_limits
 
+from serving.contract import CompiledSpec
+from serving.contract import Runtime as ContractRuntime
+
 SMALL_BATCH = 1_000  # rows: below this, one thread
+
+
+def onnx_session(model: str | bytes, threads: int = 1) -> Any:
+    """The one onnxruntime session factory (serving, and package's check of the compiled
+    graph): CPU only, `threads` intra-op threads, idle threads sleeping."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    # Idle workers must sleep, not spin: spinning fights neighbours for the CPUs.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
 class Runtime(Protocol):
@@ -31,20 +48,10 @@ class Runtime(Protocol):
 class OnnxRuntime:
     name = "onnx"
 
-    def __init__(self, path: str, spec: dict[str, Any], threads: int) -> None:
-        import onnxruntime as ort
-
-        def session(n: int) -> Any:
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = n
-            options.inter_op_num_threads = 1
-            # Idle workers must sleep, not spin: spinning fights neighbours for the CPUs.
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-
-        self.input, self.output = spec["input"], spec["output"]
-        self.small = session(1)
-        self.large = session(threads) if threads > 1 else self.small
+    def __init__(self, path: str, spec: CompiledSpec, threads: int) -> None:
+        self.input, self.output = spec.input, spec.output
+        self.small = onnx_session(path, 1)
+        self.large = onnx_session(path, threads) if threads > 1 else self.small
 
     def probability(self, features: pd.DataFrame) -> np.ndarray:
         rows = features.to_numpy(dtype=np.float64)  # contract column order
@@ -72,12 +79,14 @@ class SklearnRuntime:
             return self.model.predict_proba(features)[:, 1]
 
 
-def load_runtime(choice: str, contract: dict[str, Any], path_of: Any, threads: int) -> Runtime:
+def load_runtime(
+    choice: str, verified: ContractRuntime, path_of: Callable[[str], str], threads: int
+) -> Runtime:
     """`choice` (auto | onnx | sklearn) against what the contract says was verified."""
-    spec = contract.get("runtime", {}).get("onnx")
+    spec = verified.onnx
     if choice == "onnx" and spec is None:
-        reason = contract.get("runtime", {}).get("reason", "the contract names none")
+        reason = verified.reason or "the contract names none"
         raise RuntimeError(f"FRAUD_RUNTIME=onnx but this model has no compiled form: {reason}")
     if choice in ("auto", "onnx") and spec is not None:
-        return OnnxRuntime(path_of(spec["file"]), spec, threads)
+        return OnnxRuntime(path_of(spec.file), spec, threads)
     return SklearnRuntime(path_of("model.pkl"), threads)

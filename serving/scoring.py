@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -18,12 +18,13 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
+from serving.contract import OUTPUT_COLUMNS, Column, InputSchema, RiskBand
+
 EXAMPLE_ROWS = 5
 MAX_COLUMNS = 256  # per uploaded file
 # A Parquet file's decompressed size (from its footer, before anything is decompressed):
 # a 23 KiB file whose string column inflates to 480 MiB was accepted before this.
 MAX_DECOMPRESSED_BYTES = 256 * 1024 * 1024  # 300k rows of the contract are ~75 MB
-OUTPUT_COLUMNS = ("fraud_probability", "is_fraud", "risk_band")
 # Cells starting with these make spreadsheets run a formula (OWASP, CSV injection).
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
@@ -150,7 +151,7 @@ def _ragged_rows(data: bytes) -> list[int]:
 
 def validate(
     frame: pd.DataFrame,
-    contract: dict[str, Any],
+    contract: InputSchema,
     unknown_columns: str = "ignore",
     max_rows: int | None = None,
 ) -> pd.DataFrame:
@@ -161,8 +162,8 @@ def validate(
         )
     for problem in _shape_problems(frame, contract, unknown_columns):
         raise problem
-    features = contract["features"]
-    names = [f["name"] for f in features]
+    features = contract.features
+    names = contract.feature_names
     # One matrix and whole-matrix checks: per-column pandas calls cost ~5 ms for a single
     # row, half of a one-transaction request. Only a failing batch is checked column by
     # column, to name the first broken column (in contract order) and its rows.
@@ -175,18 +176,18 @@ def validate(
 
 
 def _shape_problems(
-    frame: pd.DataFrame, contract: dict[str, Any], unknown_columns: str
+    frame: pd.DataFrame, contract: InputSchema, unknown_columns: str
 ) -> list[RequestError]:
     """What is wrong with the batch as a whole: no rows, missing or unknown columns."""
     if len(frame) == 0:
         return [RequestError(400, "empty-batch", "the batch has no transactions")]
-    names = [f["name"] for f in contract["features"]]
+    names = contract.feature_names
     found = []
     missing = [n for n in names if n not in frame.columns]
     if missing:
         message = f"required columns are missing: {', '.join(missing)}"
         found.append(RequestError(400, "missing-columns", message, column=missing[0]))
-    allowed = set(names) | set(contract.get("ignored_columns", []))
+    allowed = set(names) | set(contract.ignored_columns)
     unknown = [str(c) for c in frame.columns if c not in allowed]
     if unknown and unknown_columns == "reject":
         message = f"columns not in the model's contract: {', '.join(unknown)}"
@@ -195,7 +196,7 @@ def _shape_problems(
 
 
 def problems(
-    frame: pd.DataFrame, contract: dict[str, Any], unknown_columns: str = "ignore"
+    frame: pd.DataFrame, contract: InputSchema, unknown_columns: str = "ignore"
 ) -> list[RequestError]:
     """Every problem validate() would raise first: the batch's shape, then, per contract
     column present, the first rule it breaks. For a person fixing a file (the UI lists
@@ -203,13 +204,13 @@ def problems(
     found = _shape_problems(frame, contract, unknown_columns)
     if len(frame) == 0:
         return found
-    for spec in contract["features"]:
-        if spec["name"] not in frame.columns:
+    for spec in contract.features:
+        if spec.name not in frame.columns:
             continue
         try:
-            values = _floats(frame[spec["name"]], spec["name"])
+            values = _floats(frame[spec.name], spec.name)
             if not _good_values(values[:, None], [spec]).all():
-                _explain(frame[spec["name"]], values, spec)
+                _explain(frame[spec.name], values, spec)
         except RequestError as problem:
             found.append(problem)
     return found
@@ -217,7 +218,7 @@ def problems(
 
 def validate_records(
     records: list[dict[str, Any]],
-    contract: dict[str, Any],
+    contract: InputSchema,
     unknown_columns: str = "ignore",
     max_rows: int | None = None,
 ) -> pd.DataFrame:
@@ -225,9 +226,9 @@ def validate_records(
     is a plain number inside its range (a one-row request's common case: ~0.1 ms instead
     of ~2 ms). Anything else goes through validate(), so the answer and the error are
     the same either way."""
-    features = contract["features"]
-    names = [f["name"] for f in features]
-    allowed = set(names) | set(contract.get("ignored_columns", []))
+    features = contract.features
+    names = contract.feature_names
+    allowed = set(names) | set(contract.ignored_columns)
     fast = 0 < len(records) <= (max_rows or len(records)) and all(
         isinstance(r, dict) and (unknown_columns != "reject" or r.keys() <= allowed)
         for r in records
@@ -286,10 +287,10 @@ def _floats(raw: pd.Series, name: str) -> np.ndarray:
     return raw.to_numpy(dtype="float64", na_value=np.nan)
 
 
-def _good_values(matrix: np.ndarray, features: list[dict[str, Any]]) -> np.ndarray:
+def _good_values(matrix: np.ndarray, features: Sequence[Column]) -> np.ndarray:
     """True where a value is finite and inside its column's valid range."""
-    low = np.asarray([_bound(f.get("valid_min"), -np.inf) for f in features])
-    high = np.asarray([_bound(f.get("valid_max"), np.inf) for f in features])
+    low = np.asarray([_bound(f.valid_min, -np.inf) for f in features])
+    high = np.asarray([_bound(f.valid_max, np.inf) for f in features])
     # NaN and +-inf fail these comparisons too; finite values inside the range pass.
     return (matrix >= low) & (matrix <= high) & np.isfinite(matrix)
 
@@ -298,12 +299,12 @@ def _bound(value: float | None, default: float) -> float:
     return default if value is None else float(value)
 
 
-def _explain(raw: pd.Series, array: np.ndarray, spec: dict[str, Any]) -> None:
+def _explain(raw: pd.Series, array: np.ndarray, spec: Column) -> None:
     """Raise the RequestError for the first rule this column breaks."""
 
     def broken(status: int, rule: str, rows: np.ndarray) -> RequestError:
         return RequestError(
-            status, rule, _message(rule, spec), column=spec["name"], rows=_first_rows(rows)
+            status, rule, _message(rule, spec), column=spec.name, rows=_first_rows(rows)
         )
 
     nan = np.isnan(array)
@@ -324,7 +325,7 @@ def _explain(raw: pd.Series, array: np.ndarray, spec: dict[str, Any]) -> None:
         raise broken(400, "missing-values", nan)
     if np.isinf(array).any():
         raise broken(400, "finite", np.isinf(array))
-    low, high = spec.get("valid_min"), spec.get("valid_max")
+    low, high = spec.valid_min, spec.valid_max
     outside = np.zeros(len(array), bool)
     if low is not None:
         outside |= array < low
@@ -333,10 +334,10 @@ def _explain(raw: pd.Series, array: np.ndarray, spec: dict[str, Any]) -> None:
     raise broken(422, "range", outside)
 
 
-def _message(rule: str, spec: dict[str, Any]) -> str:
-    name = spec["name"]
+def _message(rule: str, spec: Column) -> str:
+    name = spec.name
     if rule == "range":
-        low, high = spec.get("valid_min"), spec.get("valid_max")
+        low, high = spec.valid_min, spec.valid_max
         bounds = f"[{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
         return f"'{name}' is outside the model's valid range {bounds}"
     return {
@@ -347,14 +348,14 @@ def _message(rule: str, spec: dict[str, Any]) -> str:
 
 
 def row_rules(
-    frame: pd.DataFrame, contract: dict[str, Any]
+    frame: pd.DataFrame, contract: InputSchema
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per row, validate()'s rules without stopping: the float64 feature matrix, and for
     each row the first rule it breaks and that rule's column, in contract order (None
     where the row is good). For batch jobs, which set bad rows aside instead of refusing
     the file. A column of a type that cannot hold numbers raises RequestError, as there."""
-    features = contract["features"]
-    names = [f["name"] for f in features]
+    features = contract.features
+    names = contract.feature_names
     matrix = np.column_stack([_floats(frame[name], name) for name in names])
     rule = np.full(len(frame), None, dtype=object)
     column = np.full(len(frame), None, dtype=object)
@@ -375,14 +376,14 @@ def row_rules(
     return matrix, rule, column
 
 
-def rule_message(rule: str, column: str, contract: dict[str, Any]) -> str:
+def rule_message(rule: str, column: str, contract: InputSchema) -> str:
     """The message validate() gives for `rule` broken in `column`."""
-    return _message(rule, next(f for f in contract["features"] if f["name"] == column))
+    return _message(rule, contract.feature(column))
 
 
-def risk_band(probabilities: np.ndarray, bands: list[dict[str, Any]]) -> np.ndarray:
-    edges = np.asarray([b["min"] for b in bands[1:]])
-    names = np.asarray([b["name"] for b in bands])
+def risk_band(probabilities: np.ndarray, bands: Sequence[RiskBand]) -> np.ndarray:
+    edges = np.asarray([b.min for b in bands[1:]])
+    names = np.asarray([b.name for b in bands])
     return names[np.searchsorted(edges, probabilities, side="right")]
 
 
@@ -390,7 +391,7 @@ def score(
     probability_of: Callable[[pd.DataFrame], np.ndarray],
     features: pd.DataFrame,
     threshold: float,
-    bands: list[dict[str, Any]],
+    bands: Sequence[RiskBand],
 ) -> pd.DataFrame:
     """The score columns for validated features, from a runtime's probability function."""
     probability = probability_of(features)

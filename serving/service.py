@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
 import os
 import tempfile
@@ -31,8 +30,9 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from serving import metrics
+from serving.contract import Contract, ContractError, Limits, PublishedContract
 from serving.drift import DriftWindow
-from serving.file_lane import FileLane, score_file_with
+from serving.file_lane import FileLane, FileRequest, Scorer, score_file_with
 from serving.gate import RequestGate, RouteRule
 from serving.openapi import PublishedSchema
 from serving.runtime import load_runtime
@@ -70,22 +70,25 @@ class BentoArgs(BaseModel):
 
 
 ARGS = bentoml.use_arguments(BentoArgs)
-SETTINGS = Settings.from_env()
+SETTINGS = Settings.load()
 
 MODEL = bentoml.models.BentoModel(ARGS.model_tag)
 STORED_MODEL = MODEL.resolve()
-CONTRACT: dict[str, Any] = json.loads(Path(STORED_MODEL.path_of("contract.json")).read_text())
-LINEAGE = CONTRACT["lineage"]
+try:
+    CONTRACT = Contract.read(STORED_MODEL.path_of("contract.json"))
+except ContractError as exc:
+    raise SystemExit(f"fraud_scoring: {exc}") from None
+LINEAGE = CONTRACT.lineage
 
 
 def _check_model_files() -> None:
     """Refuse to start, in one line naming the file and the cause, when a model file is
     not the one the package stage verified. A truncated model.pkl used to make workers
     restart in a loop with a bare EOFError while the port accepted connections."""
-    expected = {"model.pkl": LINEAGE["model_md5"]}
-    compiled = CONTRACT.get("runtime", {}).get("onnx") or {}
-    if compiled.get("md5"):
-        expected[compiled["file"]] = compiled["md5"]
+    expected = {"model.pkl": LINEAGE.model_md5}
+    compiled = CONTRACT.runtime.onnx
+    if compiled is not None:
+        expected[compiled.file] = compiled.md5
     for name, md5 in expected.items():
         path = Path(STORED_MODEL.path_of(name))
         try:
@@ -100,21 +103,20 @@ def _check_model_files() -> None:
 
 
 _check_model_files()
-metrics.REFERENCE_FLAGGED_RATIO.set(CONTRACT["reference"]["flagged_ratio"])
+metrics.REFERENCE_FLAGGED_RATIO.set(CONTRACT.reference.flagged_ratio)
 
 
 def _contract_view() -> dict[str, Any]:
-    limits = {
-        "max_rows_per_request": SETTINGS.max_rows,
-        "max_json_rows_per_request": SETTINGS.max_json_rows,
-        "max_payload_bytes": SETTINGS.max_bytes,
-        "max_json_payload_bytes": SETTINGS.max_json_bytes,
-        "body_timeout_seconds": SETTINGS.body_seconds,
-        "unknown_columns": SETTINGS.unknown_columns,
-    }
-    public = {k: v for k, v in CONTRACT.items() if k != "reference"}
-    runtime = {**CONTRACT.get("runtime", {}), "serving": RUNTIME_IN_USE["name"]}
-    return {**public, "runtime": runtime, "model_tag": str(STORED_MODEL.tag), "limits": limits}
+    limits = Limits(
+        max_rows_per_request=SETTINGS.max_rows,
+        max_json_rows_per_request=SETTINGS.max_json_rows,
+        max_payload_bytes=SETTINGS.max_bytes,
+        max_json_payload_bytes=SETTINGS.max_json_bytes,
+        body_timeout_seconds=SETTINGS.body_seconds,
+        unknown_columns=SETTINGS.unknown_columns,
+    )
+    view = PublishedContract.of(CONTRACT, RUNTIME_IN_USE["name"], str(STORED_MODEL.tag), limits)
+    return view.model_dump(mode="json")
 
 
 # Which runtime this process scores with (set when the service starts).
@@ -171,16 +173,16 @@ class FraudScoring:
 
     def __init__(self) -> None:
         self.runtime = load_runtime(
-            SETTINGS.runtime, CONTRACT, self.model_ref.path_of, SETTINGS.threads
+            SETTINGS.runtime, CONTRACT.runtime, self.model_ref.path_of, SETTINGS.threads
         )
         RUNTIME_IN_USE["name"] = self.runtime.name
         metrics.set_model_info(LINEAGE, str(STORED_MODEL.tag), self.runtime.name)
         log.info("scoring with the %s runtime", self.runtime.name)
-        self.threshold = float(CONTRACT["threshold"])
-        self.bands = CONTRACT["risk_bands"]
-        self.drift = DriftWindow(CONTRACT["reference"], SETTINGS.drift_window_rows)
-        compiled = CONTRACT.get("runtime", {}).get("onnx")
-        names = ["model.pkl"] + ([compiled["file"]] if compiled else [])
+        self.threshold = CONTRACT.threshold
+        self.bands = CONTRACT.risk_bands
+        self.drift = DriftWindow(CONTRACT.reference, SETTINGS.drift_window_rows)
+        compiled = CONTRACT.runtime.onnx
+        names = ["model.pkl"] + ([compiled.file] if compiled else [])
         files = {name: self.model_ref.path_of(name) for name in names}
         self.lane = FileLane(CONTRACT, files, SETTINGS)
         # Every temporary file of this worker (BentoML's uploads, spooled bodies, scored
@@ -227,10 +229,9 @@ class FraudScoring:
             "threshold": threshold,
             "model_tag": str(STORED_MODEL.tag),
             "request_id": request_id,
-            "lineage": {
-                k: LINEAGE[k]
-                for k in ("registered_model", "model_md5", "model_family", "train_data_md5")
-            },
+            "lineage": LINEAGE.model_dump(
+                include={"registered_model", "model_md5", "model_family", "train_data_md5"}
+            ),
         }
 
     @bentoml.api(route="/predict")
@@ -289,12 +290,11 @@ class FraudScoring:
                     "max-bytes",
                     f"the file has {size} bytes; the limit is {SETTINGS.max_bytes}",
                 )
-            job = (str(file), getattr(file, "name", None), output_format, cut, str(out))
+            job = FileRequest(str(file), getattr(file, "name", None), output_format, cut, str(out))
             if size < SETTINGS.lane_min_bytes:
                 # A small file costs less here than the trip to the lane.
-                outcome = await asyncio.to_thread(
-                    score_file_with, CONTRACT, SETTINGS, self.runtime, *job
-                )
+                scorer = Scorer(CONTRACT, SETTINGS, self.runtime)
+                outcome = await asyncio.to_thread(score_file_with, scorer, job)
             else:
                 outcome = await self._in_lane(ctx, job)
             if "error" in outcome:
@@ -321,15 +321,15 @@ class FraudScoring:
             background=BackgroundTask(out.unlink, missing_ok=True),
         )
 
-    async def _in_lane(self, ctx: bentoml.Context, job: tuple) -> dict[str, Any]:
+    async def _in_lane(self, ctx: bentoml.Context, job: FileRequest) -> dict[str, Any]:
         """Run a file job in the lane. If its client leaves, a queued job is cancelled and a
         running one is told to stop at its next step (its output is removed either way)."""
-        future = self.lane.submit(*job)
+        future = self.lane.submit(job)
         waiting = asyncio.wrap_future(future)
         while not (await asyncio.wait({waiting}, timeout=0.5))[0]:
             if await ctx.request.is_disconnected():
                 if not future.cancel():
-                    self.lane.drop(future, job[-1])
+                    self.lane.drop(future, job.out_path)
                 raise RequestError(499, "client-gone", "the client disconnected")
         try:
             return waiting.result()

@@ -1,53 +1,98 @@
-"""The service's settings: every FRAUD_* environment variable, read once, in one place."""
+"""The service's settings: every FRAUD_* environment variable, read once, in one place.
+
+pydantic-settings reads them (FRAUD_<FIELD>, case-insensitive) and checks their types, so a
+typo such as FRAUD_MAX_ROWS=10k stops the service with one line naming the variable
+(`Settings.load`) instead of a traceback from the first request that uses it.
+"""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from typing import Literal
 
-RUNTIMES = ("auto", "onnx", "sklearn")
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
-@dataclass(frozen=True)
-class Settings:
-    max_rows: int = 300_000  # per file
-    max_json_rows: int = 20_000  # per JSON request
-    max_bytes: int = 200 * 1024 * 1024  # per uploaded file request
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="FRAUD_", frozen=True, extra="ignore", populate_by_name=True
+    )
+
+    max_rows: int = Field(300_000, gt=0)  # per file
+    max_json_rows: int = Field(20_000, gt=0)  # per JSON request
+    max_bytes: int = Field(200 * 1024 * 1024, gt=0)  # per uploaded file request
     # per JSON request: 20,000 records of 30 numbers are ~15 MB; parsing JSON costs ~10x
     # its size in memory and blocks the worker's event loop while it runs
-    max_json_bytes: int = 32 * 1024 * 1024
-    body_seconds: float = 30.0  # a request body must arrive within this (else 408)
-    max_in_flight: int = 128  # scoring requests per worker once their bodies arrived
-    unknown_columns: str = "ignore"  # or "reject"
-    drift_window_rows: int = 20_000
-    api_key: str | None = None  # when set, scoring needs "Authorization: Bearer <key>"
+    max_json_bytes: int = Field(32 * 1024 * 1024, gt=0)
+    # a request body must arrive within this (else 408)
+    body_seconds: float = Field(30.0, gt=0, validation_alias="FRAUD_BODY_TIMEOUT_S")
+    max_in_flight: int = Field(128, gt=0)  # scoring requests per worker once bodies arrived
+    unknown_columns: Literal["ignore", "reject"] = "ignore"
+    drift_window_rows: int = Field(20_000, gt=0)
+    # when set, scoring needs "Authorization: Bearer <key>"; never in a repr or a log
+    api_key: str | None = Field(None, repr=False)
     # auto: the compiled ONNX model when package verified one, else scikit-learn
-    runtime: str = "auto"
-    threads: int = 2  # for big batches; small ones run on one thread
+    runtime: Literal["auto", "onnx", "sklearn"] = "auto"
+    # for big batches; small ones run on one thread
+    threads: int = Field(default_factory=lambda: os.cpu_count() or 1)
     # Uploads from this size on go to the worker's file lane (a child process); smaller
     # ones are scored in the worker (1 MiB of CSV is ~3,500 rows, ~50 ms).
-    lane_min_bytes: int = 1024 * 1024
+    lane_min_bytes: int = Field(1024 * 1024, ge=0)
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
-        def number(name: str, default: int) -> int:
-            return int(env.get(name, str(default)))
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, **_):  # noqa: ANN001, ANN206
+        # The environment only: no .env file or secrets folder is read behind one's back.
+        return (init_settings, env_settings)
 
-        runtime = env.get("FRAUD_RUNTIME", cls.runtime).lower()
-        if runtime not in RUNTIMES:
-            raise ValueError(f"FRAUD_RUNTIME must be one of {RUNTIMES}, got {runtime!r}")
-        return cls(
-            max_rows=number("FRAUD_MAX_ROWS", cls.max_rows),
-            max_json_rows=number("FRAUD_MAX_JSON_ROWS", cls.max_json_rows),
-            max_bytes=number("FRAUD_MAX_BYTES", cls.max_bytes),
-            max_json_bytes=number("FRAUD_MAX_JSON_BYTES", cls.max_json_bytes),
-            body_seconds=float(env.get("FRAUD_BODY_TIMEOUT_S", str(cls.body_seconds))),
-            max_in_flight=number("FRAUD_MAX_IN_FLIGHT", cls.max_in_flight),
-            unknown_columns=env.get("FRAUD_UNKNOWN_COLUMNS", cls.unknown_columns),
-            drift_window_rows=number("FRAUD_DRIFT_WINDOW_ROWS", cls.drift_window_rows),
-            api_key=env.get("FRAUD_API_KEY") or None,
-            runtime=runtime,
-            threads=max(1, number("FRAUD_THREADS", os.cpu_count() or 1)),
-            lane_min_bytes=number("FRAUD_LANE_MIN_BYTES", cls.lane_min_bytes),
-        )
+    @field_validator("api_key")
+    @classmethod
+    def _empty_is_none(cls, value: str | None) -> str | None:
+        return value or None
+
+    @field_validator("runtime", "unknown_columns", mode="before")
+    @classmethod
+    def _lowercase(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("threads")
+    @classmethod
+    def _at_least_one(cls, value: int) -> int:
+        return max(1, value)
+
+    @classmethod
+    def env_name(cls, field: str) -> str:
+        alias = cls.model_fields[field].validation_alias
+        return alias if isinstance(alias, str) else f"FRAUD_{field.upper()}"
+
+    @classmethod
+    def _named(cls, loc: tuple) -> str:
+        field = str(loc[0]) if loc else "?"
+        return cls.env_name(field) if field in cls.model_fields else field.upper()
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """The settings from the process environment, or from `env` alone (tests)."""
+        if env is None:
+            return cls()
+        names = {cls.env_name(name).lower(): name for name in cls.model_fields}
+        values = {names[k.lower()]: v for k, v in env.items() if k.lower() in names}
+        return _GivenOnly(**values)
+
+    @classmethod
+    def load(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """from_env(), or SystemExit with one line naming each bad variable."""
+        try:
+            return cls.from_env(env)
+        except ValidationError as exc:
+            bad = "; ".join(f"{cls._named(e['loc'])}: {e['msg']}" for e in exc.errors())
+            raise SystemExit(f"fraud_scoring: bad setting: {bad}") from None
+
+
+class _GivenOnly(Settings):
+    """Settings from the values given alone (Settings.from_env(env)), not the process'."""
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, **_):  # noqa: ANN001, ANN206
+        return (init_settings,)

@@ -20,6 +20,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from serving.contract import CompiledSpec, Contract, Lineage, Runtime
 from stages.lib.compiled import INPUT, OUTPUT, NotCompilable, compile_model, verify
 from stages.lib.contract import build_contract
 from stages.lib.modeling import fraud_probability, load_model
@@ -83,14 +84,14 @@ class CompiledMismatch(RuntimeError):
 
 def compiled_runtime(
     model: Any, rows: pd.DataFrame, threshold: float, tolerance: float
-) -> tuple[bytes | None, dict[str, Any]]:
+) -> tuple[bytes | None, Runtime]:
     """The model compiled to ONNX and checked on `rows` (validation + test), or None with
     the reason when this model has no compiled form (then scikit-learn serves it)."""
     try:
         compiled = compile_model(model).SerializeToString()
     except NotCompilable as exc:
         log.warning("no compiled runtime for this model (%s): serving uses scikit-learn", exc)
-        return None, {"default": "sklearn", "onnx": None, "reason": str(exc)}
+        return None, Runtime(default="sklearn", reason=str(exc))
     check = verify(model, compiled, rows, threshold, tolerance)
     log.info(
         "compiled model vs scikit-learn on %d rows: max |difference| %.3g, %d decisions flip",
@@ -110,18 +111,121 @@ def compiled_runtime(
     # differ in the last bits); the contract, hashed into the Bento, keeps its power-of-ten
     # ceiling, which says the same to a reader and is the same on every machine.
     check["max_abs_difference"] = decade_ceiling(check["max_abs_difference"])
-    spec = {"file": "model.onnx", "md5": md5, "input": INPUT, "output": OUTPUT, **check}
-    return compiled, {"default": "onnx", "onnx": spec}
+    spec = CompiledSpec(file="model.onnx", md5=md5, input=INPUT, output=OUTPUT, **check)
+    return compiled, Runtime(default="onnx", onnx=spec)
+
+
+def build_contract_for(
+    model: Any, champion: dict[str, Any], split: Path, cfg: dict[str, Any]
+) -> tuple[Contract, bytes | None]:
+    """The champion's contract, with its compiled model checked on valid + test."""
+    train = pd.read_parquet(split / "train.parquet")
+    valid = pd.read_parquet(split / "valid.parquet")
+    # Drift reference: the test split, the only rows the model was not fitted on (it
+    # is refitted on train + valid); evaluate has already used it, nothing learns from it.
+    test = pd.read_parquet(split / "test.parquet")
+    compiled, runtime = compiled_runtime(
+        model,
+        pd.concat([valid, test], ignore_index=True),
+        float(champion["threshold"]),
+        float(cfg["compiled_tolerance"]),
+    )
+    scores = fraud_probability(model, test)
+    return build_contract(train, test, scores, champion, cfg, runtime), compiled
+
+
+def store_model(tag_name: str, model_file: Path, contract: Contract, compiled: bytes | None) -> Any:
+    """The BentoML model of these exact bytes (its version is their hash), made once."""
+    import bentoml
+    from bentoml.exceptions import NotFound
+
+    contract_bytes = contract.to_json()
+    tag = f"{tag_name}:" + content_version(model_file.read_bytes(), contract_bytes, compiled or b"")
+    try:
+        return bentoml.models.get(tag)
+    except NotFound:
+        pass
+    lineage = contract.lineage
+    with bentoml.models.create(
+        tag,
+        labels={"registered_model": lineage.registered_model, "model_md5": lineage.model_md5},
+        metadata={"threshold": contract.threshold},
+    ) as stored:
+        shutil.copyfile(model_file, stored.path_of("model.pkl"))
+        Path(stored.path_of("contract.json")).write_bytes(contract_bytes)
+        if compiled is not None:
+            Path(stored.path_of("model.onnx")).write_bytes(compiled)
+    return stored
+
+
+def build_bento(serving: Path, model_tag: str, lineage: Lineage) -> Any:
+    """The Bento of this serving code around this model, built from the repository root
+    so its src/ holds the serving package under its own name."""
+    import bentoml
+    from bentoml.exceptions import NotFound
+
+    args = {"model_tag": model_tag}
+    version = content_version(source_bytes(serving), json.dumps(args, sort_keys=True).encode())
+    try:
+        return bentoml.bentos.get(f"fraud_scoring:{version}")
+    except NotFound:
+        return bentoml.bentos.build_bentofile(
+            bentofile=str(serving / BENTOFILE),
+            build_ctx=str(serving.parent),
+            version=version,
+            labels={"registered_model": lineage.registered_model, "model_md5": lineage.model_md5},
+            args=args,
+        )
+
+
+def export_folder(bento_tag: Any, out: Path) -> None:
+    """The Bento as a folder at `out`, replaced whole (never half-written)."""
+    import bentoml
+
+    staging = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    bentoml.bentos.export_bento(bento_tag, str(staging), output_format="folder")
+    pin_creation_times(staging)
+    shutil.rmtree(out, ignore_errors=True)
+    staging.rename(out)
+
+
+def record_in_registry(contract: Contract, bento: Any, stored: Any, serving: Path) -> None:
+    """Tag the registered version with what serves it, and attach the contract and this
+    Bento's scoring code to it."""
+    from serving.mlflow_model import SHIPPED
+    from stages.lib.registry import attach_scoring_code, tag_version
+
+    name, md5 = contract.lineage.registered_model, contract.lineage.model_md5
+    check = contract.runtime.onnx
+    tag_version(
+        name,
+        md5,
+        {
+            "bento_tag": str(bento.tag),
+            "bento_model_tag": str(stored.tag),
+            "runtime": contract.runtime.default,
+        },
+        {
+            f"compiled_{k}": float(getattr(check, k))
+            for k in ("max_abs_difference", "flipped_decisions", "rows_checked")
+        }
+        if check
+        else {},
+        # The contract travels with the registered version too: batch jobs score from
+        # the registry (batch/score.py) and check rows as this Bento's service does.
+        contract=contract.to_json(),
+    )
+    # The version's pyfunc runs this Bento's serving code, not that of the run that
+    # first logged this model file (a retrained identical file keeps its version).
+    attach_scoring_code(name, md5, [serving / file for file in SHIPPED])
 
 
 def main() -> None:
     paths = stage_paths(__doc__, "champion", "split", "serving", "out")
     setup_logging()
     configure_environment()
-    import bentoml
-    from bentoml.exceptions import NotFound
-
-    from stages.lib.registry import download_model, tag_version
+    from stages.lib.registry import download_model
 
     cfg = stage_params("package")["package"]
     with stage_timer("package"):
@@ -129,85 +233,14 @@ def main() -> None:
         name, md5 = champion["registered_model"], champion["model_md5"]
         model_file = download_model(name, "champion", md5)
         model = load_model(model_file)
-        train = pd.read_parquet(paths.split / "train.parquet")
-        # Drift reference: the test split, the only rows the model was not fitted on (it
-        # is refitted on train + valid); evaluate has already used it, nothing learns from it.
-        test = pd.read_parquet(paths.split / "test.parquet")
-        contract = build_contract(train, test, fraud_probability(model, test), champion, cfg)
-        valid = pd.read_parquet(paths.split / "valid.parquet")
-        compiled, contract["runtime"] = compiled_runtime(
-            model,
-            pd.concat([valid, test], ignore_index=True),
-            float(contract["threshold"]),
-            float(cfg["compiled_tolerance"]),
-        )
-        contract_bytes = json.dumps(contract, indent=2).encode()
-
-        model_tag = f"{cfg['model_name']}:" + content_version(
-            model_file.read_bytes(), contract_bytes, compiled or b""
-        )
-        try:
-            stored = bentoml.models.get(model_tag)
-        except NotFound:
-            with bentoml.models.create(
-                model_tag,
-                labels={"registered_model": name, "model_md5": md5},
-                metadata={"threshold": contract["threshold"]},
-            ) as stored:
-                shutil.copyfile(model_file, stored.path_of("model.pkl"))
-                Path(stored.path_of("contract.json")).write_bytes(contract_bytes)
-                if compiled is not None:
-                    Path(stored.path_of("model.onnx")).write_bytes(compiled)
+        contract, compiled = build_contract_for(model, champion, paths.split, cfg)
+        stored = store_model(cfg["model_name"], model_file, contract, compiled)
         log.info("champion %s (md5 %s) stored as %s", name, md5, stored.tag)
-
         serving = (workspace_root() / paths.serving).resolve()
-        args = {"model_tag": str(stored.tag)}
-        bento_version = content_version(
-            source_bytes(serving), json.dumps(args, sort_keys=True).encode()
-        )
-        try:
-            bento = bentoml.bentos.get(f"fraud_scoring:{bento_version}")
-        except NotFound:
-            bento = bentoml.bentos.build_bentofile(
-                bentofile=str(serving / BENTOFILE),
-                build_ctx=str(serving.parent),
-                version=bento_version,
-                labels={"registered_model": name, "model_md5": md5},
-                args=args,
-            )
+        bento = build_bento(serving, str(stored.tag), contract.lineage)
         log.info("bento %s", bento.tag)
-
-        out = (workspace_root() / paths.out).resolve()
-        staging = out.with_name(f".{out.name}.tmp")
-        shutil.rmtree(staging, ignore_errors=True)
-        bentoml.bentos.export_bento(bento.tag, str(staging), output_format="folder")
-        pin_creation_times(staging)
-        shutil.rmtree(out, ignore_errors=True)
-        staging.rename(out)
-        check = contract["runtime"]["onnx"] or {}
-        tag_version(
-            name,
-            md5,
-            {
-                "bento_tag": str(bento.tag),
-                "bento_model_tag": str(stored.tag),
-                "runtime": contract["runtime"]["default"],
-            },
-            {
-                f"compiled_{k}": float(check[k])
-                for k in ("max_abs_difference", "flipped_decisions", "rows_checked")
-                if k in check
-            },
-            # The contract travels with the registered version too: batch jobs score from
-            # the registry (batch/score.py) and check rows as this Bento's service does.
-            contract=contract_bytes,
-        )
-        from serving.mlflow_model import SHIPPED
-        from stages.lib.registry import attach_scoring_code
-
-        # The version's pyfunc runs this Bento's serving code, not that of the run that
-        # first logged this model file (a retrained identical file keeps its version).
-        attach_scoring_code(name, md5, [serving / file for file in SHIPPED])
+        export_folder(bento.tag, (workspace_root() / paths.out).resolve())
+        record_in_registry(contract, bento, stored, serving)
 
 
 if __name__ == "__main__":

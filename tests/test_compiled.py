@@ -9,6 +9,7 @@ import pytest
 from onnx import numpy_helper
 
 from serving import runtime
+from serving.contract import Runtime
 from stages.lib.compiled import INPUT, OUTPUT, NotCompilable, compile_model, session, verify
 from stages.lib.modeling import fraud_probability, refit_calibrated
 from stages.lib.schema import FEATURES
@@ -80,7 +81,7 @@ def test_model_without_a_conversion_is_served_by_sklearn(frame, rows) -> None:
     with pytest.raises(NotCompilable):
         compile_model(model)
     compiled, runtime = compiled_runtime(model, rows, threshold=0.05, tolerance=1e-6)
-    assert compiled is None and runtime["default"] == "sklearn" and runtime["reason"]
+    assert compiled is None and runtime.default == "sklearn" and runtime.reason
 
 
 def test_serving_runtimes_agree(frame, rows, tmp_path) -> None:
@@ -91,16 +92,17 @@ def test_serving_runtimes_agree(frame, rows, tmp_path) -> None:
     import pickle
 
     (tmp_path / "model.pkl").write_bytes(pickle.dumps(model))
-    contract = {"runtime": contract_runtime}
     features = rows[list(FEATURES)]
     expected = fraud_probability(model, rows)
     for choice, name in (("auto", "onnx"), ("onnx", "onnx"), ("sklearn", "sklearn")):
-        loaded = runtime.load_runtime(choice, contract, lambda f: str(tmp_path / f), threads=2)
+        loaded = runtime.load_runtime(
+            choice, contract_runtime, lambda f: str(tmp_path / f), threads=2
+        )
         assert loaded.name == name
         for batch in (features.head(1), features):  # one thread, then the big-batch path
             got = loaded.probability(batch)
             assert np.max(np.abs(got - expected[: len(batch)])) < 1e-12
-    without = {"runtime": {"default": "sklearn", "onnx": None, "reason": "isotonic"}}
+    without = Runtime(default="sklearn", reason="isotonic")
     assert runtime.load_runtime("auto", without, lambda f: str(tmp_path / f), 1).name == "sklearn"
     with pytest.raises(RuntimeError, match="no compiled form: isotonic"):
         runtime.load_runtime("onnx", without, lambda f: str(tmp_path / f), 1)

@@ -20,6 +20,7 @@ import pandas as pd
 import pytest
 import requests
 
+from serving.contract import Contract
 from stages.lib.project import file_md5
 
 from .conftest import (
@@ -160,7 +161,7 @@ def test_load_model_in_process(built, bento_scores: pd.DataFrame, real_sample: P
         assert (folder / "contract.json").read_bytes() == bento_contract.read_bytes()
         assert file_md5(folder / "model.pkl") == file_md5(ws / "models/model.pkl")
         resolved = resolve(CHAMPION)
-        assert resolved.contract == json.loads(bento_contract.read_text())
+        assert resolved.contract == Contract.read(bento_contract)
         assert resolved.md5 == file_md5(resolved.model_file) == file_md5(folder / "model.pkl")
     finally:
         mlflow.set_tracking_uri(None)

@@ -14,6 +14,7 @@ import pytest
 import requests
 import yaml
 
+from serving.contract import Contract
 from stages.lib.modeling import load_model
 from stages.lib.project import file_md5
 
@@ -60,12 +61,12 @@ def test_repro_builds_every_output(workspace) -> None:
     assert champion["model_md5"] == file_md5(ws / "models/model.pkl")
     assert champion["threshold"] == metrics["threshold"]
     contract = next((bento_dir(ws) / "models").glob("fraud_model/*/contract.json"))
-    contract = json.loads(contract.read_text())
-    assert [f["name"] for f in contract["features"]][:2] == ["Time", "V1"]
-    assert contract["threshold"] == champion["threshold"]
-    assert contract["lineage"]["model_md5"] == champion["model_md5"]
+    text = contract.read_text()
+    contract = Contract.read(contract)
+    assert contract.feature_names[:2] == ["Time", "V1"]
+    assert contract.threshold == champion["threshold"]
+    assert contract.lineage.model_md5 == champion["model_md5"]
     # Content only: nothing in the Bento changes from one run to the next.
-    text = json.dumps(contract)
     assert registry["candidate_run_id"] not in text and "git_commit" not in text
     lock = yaml.safe_load((ws / "dvc.lock").read_text())
     assert set(lock["stages"]) == {"prepare", "split", "train", "evaluate", "champion", "package"}

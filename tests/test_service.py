@@ -24,6 +24,7 @@ import psutil
 import pytest
 import requests
 
+from serving.contract import Contract, PublishedContract
 from stages.lib.modeling import load_model
 from stages.lib.project import file_md5
 from stages.lib.servers import BIN, free_port
@@ -474,11 +475,13 @@ def test_kubernetes_manifests_fit_the_served_bento(guarded, built) -> None:
 def test_schema_and_probes(server, built) -> None:
     schema = requests.get(f"{server}/schema", timeout=10).json()
     (contract,) = (bento_dir(built[0]) / "models").glob("fraud_model/*/contract.json")
-    contract = json.loads(contract.read_text())
-    assert [f["name"] for f in schema["features"]] == [f["name"] for f in contract["features"]]
-    assert schema["threshold"] == contract["threshold"]
-    assert schema["lineage"] == contract["lineage"]
-    assert schema["limits"]["max_json_rows_per_request"] == 20_000
+    contract = Contract.read(contract)
+    published = PublishedContract.model_validate(schema)
+    assert published.feature_names == contract.feature_names
+    assert published.threshold == contract.threshold
+    assert published.lineage == contract.lineage
+    assert published.limits.max_json_rows_per_request == 20_000
+    assert "reference" not in schema
     for probe in ("/readyz", "/livez", "/healthz", "/docs.json"):
         assert requests.get(f"{server}{probe}", timeout=10).status_code == 200, probe
 

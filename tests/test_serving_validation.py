@@ -11,16 +11,17 @@ import pyarrow.parquet as pq
 import pytest
 
 from serving import scoring
+from serving.contract import Column, InputSchema
 from stages.lib.contract import feature_ranges
 from stages.lib.schema import FEATURES
 
-CONTRACT = {
-    "features": [
-        {"name": n, "valid_min": 0.0 if n in ("Time", "Amount") else -100.0, "valid_max": 1e5}
+CONTRACT = InputSchema(
+    features=[
+        Column(name=n, valid_min=0.0 if n in ("Time", "Amount") else -100.0, valid_max=1e5)
         for n in FEATURES
     ],
-    "ignored_columns": ["Class"],
-}
+    ignored_columns=["Class"],
+)
 GOOD = {n: 1.5 for n in FEATURES}
 
 
@@ -97,8 +98,8 @@ def test_json_mistakes_are_named(records, status, rule, column, rows) -> None:
 def test_time_is_bounded_by_the_contract() -> None:
     """1e308 seconds was scored: the contract now caps Time."""
     train = pd.DataFrame({n: [0.0, 1.0] for n in FEATURES})
-    time_spec = next(f for f in feature_ranges(train, 0.1) if f["name"] == "Time")
-    assert time_spec["valid_max"] is not None and time_spec["valid_max"] < 1e12
+    time_spec = next(f for f in feature_ranges(train, 0.1) if f.name == "Time")
+    assert time_spec.valid_max < 1e12
 
 
 def _csv(frame: pd.DataFrame) -> bytes:

@@ -17,6 +17,7 @@ import pytest
 import requests
 
 from monitoring.stack import ui_command
+from serving.contract import PublishedContract
 from ui import client
 
 from .conftest import (
@@ -45,7 +46,7 @@ def service(tmp_path_factory) -> Iterator[dict]:
 
 
 @pytest.fixture(scope="module")
-def contract(service) -> dict:
+def contract(service) -> PublishedContract:
     return client.fetch_contract(service["url"])
 
 
@@ -202,7 +203,7 @@ def test_app_scores_the_sample(service, contract) -> None:
     at = _app(service["url"]).run()
     assert not at.exception
     assert "Service is up" in [s.value for s in at.sidebar.success]
-    assert at.sidebar.slider[0].value == pytest.approx(contract["threshold"], abs=5e-4)
+    assert at.sidebar.slider[0].value == pytest.approx(contract.threshold, abs=5e-4)
     at.button[0].click().run()  # "Try a sample"
     assert not at.exception and not at.error
     shown = _metrics(at)
@@ -212,7 +213,7 @@ def test_app_scores_the_sample(service, contract) -> None:
     assert shown["Rows scored"] == "1,000"
     assert shown["Flagged"] == f"{int((probabilities >= threshold).sum()):,}"
     summary = client.threshold_summary(
-        probabilities, threshold, contract["costs"], frame["Class"].to_numpy()
+        probabilities, threshold, contract.costs, frame["Class"].to_numpy()
     )
     assert shown["Precision / recall"] == f"{summary['precision']:.2f} / {summary['recall']:.2f}"
     # Moving the threshold recomputes from the scores, without scoring again.
@@ -305,7 +306,7 @@ def test_browser_end_to_end(service, tmp_path) -> None:
         contract = client.fetch_contract(service["url"])
         probabilities = _served_probabilities(service["url"], frame)
         assert metrics["Rows scored"] == f"{len(frame):,}"
-        assert metrics["Flagged"] == f"{int((probabilities >= contract['threshold']).sum()):,}"
+        assert metrics["Flagged"] == f"{int((probabilities >= contract.threshold).sum()):,}"
         ARTIFACTS.mkdir(exist_ok=True)
         height = driver.execute_script("return document.body.scrollHeight")
         driver.set_window_size(1400, max(2200, height + 200))

@@ -42,26 +42,26 @@ with st.sidebar:
         except client.ServiceError as exc:
             st.error(str(exc))
     if contract:
-        lineage = contract["lineage"]
+        lineage = contract.lineage
         st.success("Service is up")
         st.markdown(
-            f"**Model** `{lineage['registered_model']}` champion `{contract['model_tag']}`  \n"
-            f"family `{lineage['model_family']}`, model md5 `{lineage['model_md5'][:12]}`  \n"
-            f"training data md5 `{lineage['train_data_md5'][:12]}`"
+            f"**Model** `{lineage.registered_model}` champion `{contract.model_tag}`  \n"
+            f"family `{lineage.model_family}`, model md5 `{lineage.model_md5[:12]}`  \n"
+            f"training data md5 `{lineage.train_data_md5[:12]}`"
         )
         threshold = st.slider(
             "Decision threshold",
             0.0,
             1.0,
-            float(contract["threshold"]),
+            contract.threshold,
             step=0.0005,
             format="%.4f",
             help="Defaults to the cost-based threshold chosen in training.",
         )
-        costs = contract["costs"]
+        costs = contract.costs
         st.caption(
             f"Costs from the model's contract: missed fraud EUR "
-            f"{costs['cost_missed_fraud']:g}, false alarm EUR {costs['cost_false_alarm']:g}."
+            f"{costs.cost_missed_fraud:g}, false alarm EUR {costs.cost_false_alarm:g}."
         )
     else:
         st.error(
@@ -134,7 +134,7 @@ if result and contract:
         probabilities = scored["fraud_probability"].to_numpy()
         scored["is_fraud"] = probabilities >= threshold
         labels = scored["Class"].to_numpy() if "Class" in scored.columns else None
-        summary = client.threshold_summary(probabilities, threshold, contract["costs"], labels)
+        summary = client.threshold_summary(probabilities, threshold, contract.costs, labels)
         rate = run.rows_done / max(run.seconds, 1e-9)
         st.subheader("Results")
         cols = st.columns(5)

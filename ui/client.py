@@ -12,14 +12,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import requests
+from pydantic import ValidationError
 from requests.adapters import HTTPAdapter
 from sklearn.metrics import precision_recall_curve
 from urllib3.exceptions import MaxRetryError, ReadTimeoutError
 from urllib3.util import Retry
 
-# The contract check is the service's own module (it needs only numpy, pandas, pyarrow):
+# The contract check is the service's own module (it needs numpy, pandas, pyarrow, pydantic):
 # the UI refuses a file for exactly the reasons, and with the words, the service would.
 from serving import scoring
+from serving.contract import Costs, PublishedContract
 
 RETRIES = 3
 
@@ -59,14 +61,17 @@ def _explain(exc: Exception | None, response: requests.Response | None, url: str
     return f"Unexpected error talking to {url}: {exc}"
 
 
-def fetch_contract(url: str, api_key: str | None = None, timeout: float = 5) -> dict[str, Any]:
+def fetch_contract(url: str, api_key: str | None = None, timeout: float = 5) -> PublishedContract:
     try:
         response = requests.get(f"{url}/schema", headers=_headers(api_key), timeout=timeout)
     except requests.RequestException as exc:
         raise ServiceError(_explain(exc, None, url)) from None
     if response.status_code != 200:
         raise ServiceError(_explain(None, response, url))
-    return response.json()
+    try:
+        return PublishedContract.model_validate(response.json())
+    except (ValueError, ValidationError):
+        raise ServiceError(f"{url}/schema did not answer with a contract this UI reads") from None
 
 
 def is_ready(url: str, timeout: float = 3) -> bool:
@@ -83,12 +88,12 @@ def read_file(name: str, data: bytes) -> pd.DataFrame:
     return pd.read_csv(io.BytesIO(data))
 
 
-def check_against_contract(frame: pd.DataFrame, contract: dict[str, Any]) -> list[str]:
+def check_against_contract(frame: pd.DataFrame, contract: PublishedContract) -> list[str]:
     """What the service would refuse in this file, by the service's own contract check
     (serving/scoring.py), every problem at once. Rows are shown as a spreadsheet counts
     data rows (from 1); the service's `rows` are the same rows as 0-based positions.
     Empty when the file can be sent."""
-    unknown = contract.get("limits", {}).get("unknown_columns", "ignore")
+    unknown = contract.limits.unknown_columns
     return [_describe(problem.body) for problem in scoring.problems(frame, contract, unknown)]
 
 
@@ -98,12 +103,12 @@ def _describe(body: dict[str, Any]) -> str:
     return f"{body['error']}{where}."
 
 
-def chunk_size(contract: dict[str, Any], frame: pd.DataFrame, wanted: int = 50_000) -> int:
+def chunk_size(contract: PublishedContract, frame: pd.DataFrame, wanted: int = 50_000) -> int:
     """Rows per request within the service's row and byte limits (Parquet, ~8 B a cell
     uncompressed, with a 2x margin)."""
-    limits = contract.get("limits", {})
-    by_rows = int(limits.get("max_rows_per_request", wanted))
-    by_bytes = int(limits.get("max_payload_bytes", 1 << 40)) // max(1, 16 * frame.shape[1])
+    limits = contract.limits
+    by_rows = limits.max_rows_per_request
+    by_bytes = limits.max_payload_bytes // max(1, 16 * frame.shape[1])
     return max(1, min(wanted, by_rows, by_bytes))
 
 
@@ -123,7 +128,7 @@ class ScoringRun:
 def score_in_chunks(
     frame: pd.DataFrame,
     url: str,
-    contract: dict[str, Any],
+    contract: PublishedContract,
     api_key: str | None = None,
     rows_per_chunk: int | None = None,
     progress: Callable[[int, int, float], None] | None = None,
@@ -191,7 +196,7 @@ def _retrying_session(backoff: float) -> requests.Session:
 def threshold_summary(
     probabilities: np.ndarray,
     threshold: float,
-    costs: dict[str, float],
+    costs: Costs,
     labels: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """What the page shows for a threshold. Without labels the expected cost comes from the
@@ -203,7 +208,7 @@ def threshold_summary(
         "flagged": int(flagged.sum()),
         "flagged_share": float(flagged.mean()) if len(flagged) else 0.0,
     }
-    c_fn, c_fp = float(costs["cost_missed_fraud"]), float(costs["cost_false_alarm"])
+    c_fn, c_fp = costs.cost_missed_fraud, costs.cost_false_alarm
     if labels is None:
         summary["expected_cost"] = float(
             np.sum((1 - probabilities[flagged]) * c_fp) + np.sum(probabilities[~flagged] * c_fn)

@@ -446,13 +446,10 @@ def compile_model(model: Any) -> onnx.ModelProto:
 
 
 def session(compiled: bytes, threads: int = 1) -> Any:
-    """An onnxruntime session over the compiled bytes, on `threads` threads."""
-    import onnxruntime as ort
+    """An onnxruntime session over the compiled bytes, as the service makes one."""
+    from serving.runtime import onnx_session
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    return ort.InferenceSession(compiled, options, providers=["CPUExecutionProvider"])
+    return onnx_session(compiled, threads)
 
 
 def verify(

@@ -1,4 +1,5 @@
-"""The contract a model travels with: what serving validates against and monitors with."""
+"""Builds the contract a model travels with (the typed definition is serving/contract.py):
+what serving validates against and monitors with."""
 
 from __future__ import annotations
 
@@ -7,18 +8,27 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from serving.contract import (
+    SCORE_EDGES,
+    Binned,
+    Contract,
+    Costs,
+    Feature,
+    Lineage,
+    Reference,
+    RiskBand,
+    Runtime,
+    ScoreReference,
+)
 from stages.lib.schema import FEATURES, TARGET
 
-CONTRACT_VERSION = 1
-# Probabilities of fraud crowd near 0, so drift bins are log-spaced there.
-SCORE_EDGES = (0.0, 1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 0.6, 1.0)
 NON_NEGATIVE = ("Time", "Amount")
 # Time (seconds since the data's first transaction) only grows, so it has no training
 # bound; ten years caps it short of values that lose precision (1e308 was scored).
 MAX_TIME_SECONDS = 10 * 365 * 86_400.0
 
 
-def feature_ranges(train: pd.DataFrame, margin: float) -> list[dict[str, Any]]:
+def feature_ranges(train: pd.DataFrame, margin: float) -> list[Feature]:
     """Per feature: dtype, the range seen in training, and the range serving accepts
     (the training range widened by `margin` times its span on each side; never below 0
     for Time and Amount; Time, which only grows, up to MAX_TIME_SECONDS)."""
@@ -28,14 +38,13 @@ def feature_ranges(train: pd.DataFrame, margin: float) -> list[dict[str, Any]]:
         span = hi - lo
         valid_min = 0.0 if name in NON_NEGATIVE else lo - margin * span
         out.append(
-            {
-                "name": name,
-                "dtype": "float64",
-                "train_min": lo,
-                "train_max": hi,
-                "valid_min": valid_min,
-                "valid_max": MAX_TIME_SECONDS if name == "Time" else hi + margin * span,
-            }
+            Feature(
+                name=name,
+                train_min=lo,
+                train_max=hi,
+                valid_min=valid_min,
+                valid_max=MAX_TIME_SECONDS if name == "Time" else hi + margin * span,
+            )
         )
     return out
 
@@ -47,7 +56,7 @@ def _fractions(values: np.ndarray, edges: np.ndarray) -> list[float]:
 
 def reference_distributions(
     frame: pd.DataFrame, scores: np.ndarray, drift_features: list[str], threshold: float
-) -> dict[str, Any]:
+) -> Reference:
     """Binned distributions from held-out data, for PSI drift checks in serving."""
     score_edges = np.asarray(SCORE_EDGES)
     features = {}
@@ -56,30 +65,29 @@ def reference_distributions(
         inner = np.unique(np.quantile(frame[name], np.linspace(0.1, 0.9, 9)))
         edges = np.r_[-np.inf, inner, np.inf]
         counts = np.histogram(frame[name], bins=edges)[0]
-        features[name] = {
-            "edges": [None, *inner.tolist(), None],
-            "fractions": (counts / counts.sum()).tolist(),
-        }
-    return {
-        "rows": len(frame),
-        "fraud_rate": float(frame[TARGET].mean()),
-        "flagged_ratio": float(np.mean(scores >= threshold)),
-        "score": {
-            "edges": list(SCORE_EDGES),
-            "fractions": _fractions(scores, score_edges),
-            "mean": float(scores.mean()),
-        },
-        "features": features,
-    }
+        features[name] = Binned(
+            edges=[None, *inner.tolist(), None], fractions=(counts / counts.sum()).tolist()
+        )
+    return Reference(
+        rows=len(frame),
+        fraud_rate=float(frame[TARGET].mean()),
+        flagged_ratio=float(np.mean(scores >= threshold)),
+        score=ScoreReference(
+            edges=list(SCORE_EDGES),
+            fractions=_fractions(scores, score_edges),
+            mean=float(scores.mean()),
+        ),
+        features=features,
+    )
 
 
-def risk_bands(threshold: float) -> list[dict[str, Any]]:
+def risk_bands(threshold: float) -> list[RiskBand]:
     """Lower edges of named bands of fraud probability, anchored on the decision threshold."""
     return [
-        {"name": "low", "min": 0.0},
-        {"name": "elevated", "min": threshold / 4},
-        {"name": "high", "min": threshold},
-        {"name": "critical", "min": max(0.9, threshold)},
+        RiskBand(name="low", min=0.0),
+        RiskBand(name="elevated", min=threshold / 4),
+        RiskBand(name="high", min=threshold),
+        RiskBand(name="critical", min=max(0.9, threshold)),
     ]
 
 
@@ -89,29 +97,30 @@ def build_contract(
     reference_scores: np.ndarray,
     champion: dict[str, Any],
     package_params: dict[str, Any],
-) -> dict[str, Any]:
+    runtime: Runtime,
+) -> Contract:
     """Everything serving needs, from content alone: the same champion and data give the
     same bytes on any machine (no run ids, versions, commits or times)."""
     threshold = float(champion["threshold"])
-    return {
-        "contract_version": CONTRACT_VERSION,
-        "features": feature_ranges(train, float(package_params["range_margin"])),
-        "ignored_columns": [TARGET],
-        "output": {
+    return Contract(
+        features=feature_ranges(train, float(package_params["range_margin"])),
+        ignored_columns=[TARGET],
+        output={
             "fraud_probability": "calibrated P(fraud) from predict_proba",
             "is_fraud": "fraud_probability >= threshold",
         },
-        "threshold": threshold,
-        "costs": champion["costs"],
-        "risk_bands": risk_bands(threshold),
-        "reference": reference_distributions(
+        threshold=threshold,
+        costs=Costs(**champion["costs"]),
+        risk_bands=risk_bands(threshold),
+        reference=reference_distributions(
             reference, reference_scores, list(package_params["drift_features"]), threshold
         ),
-        "test_metrics": champion["test_metrics"],
-        "lineage": {
-            "registered_model": champion["registered_model"],
-            "model_md5": champion["model_md5"],
-            "model_family": champion["model_family"],
+        test_metrics=champion["test_metrics"],
+        lineage=Lineage(
+            registered_model=champion["registered_model"],
+            model_md5=champion["model_md5"],
+            model_family=champion["model_family"],
             **champion["lineage"],
-        },
-    }
+        ),
+        runtime=runtime,
+    )

@@ -8,7 +8,6 @@ reruns, and package can check that the registry's champion is the file evaluate 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import re
 import shutil
@@ -24,6 +23,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from serving.contract import Contract, ContractError
 from stages.lib.project import file_md5
 from stages.lib.tracking import MODEL_ARTIFACT
 
@@ -194,7 +194,7 @@ class RegisteredModel:
     version: int
     md5: str
     model_file: Path
-    contract: dict[str, Any]
+    contract: Contract
 
 
 def resolve(uri: str) -> RegisteredModel:
@@ -230,9 +230,11 @@ def resolve(uri: str) -> RegisteredModel:
         )
     if f"contracts/{file_md5(local)}.json" != contract_path:
         raise LookupError(f"the contract of {name} v{version.version} fails its md5")
-    return RegisteredModel(
-        name, int(version.version), md5, folder / MODEL_ARTIFACT, json.loads(local.read_text())
-    )
+    try:
+        contract = Contract.read(local)
+    except ContractError as exc:
+        raise LookupError(f"{name} v{version.version}: {exc}") from None
+    return RegisteredModel(name, int(version.version), md5, folder / MODEL_ARTIFACT, contract)
 
 
 MODEL_CONTRACT = "contract.json"  # serving/mlflow_model.py's CONTRACT_FILE

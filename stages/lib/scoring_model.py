@@ -29,13 +29,14 @@ from mlflow.models.model import ModelInfo
 from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
 from serving import mlflow_model as loader
+from serving.contract import OUTPUT_TYPES
 
 # No input schema: MLflow would refuse the real file's integer `Time` ("Can not safely
 # convert int64 to float64") and name missing columns itself; the contract's checks
 # (serving/scoring.py) cast and refuse as the service does instead.
 SIGNATURE = ModelSignature(
     inputs=None,
-    outputs=Schema([ColSpec(t, n) for n, t in loader.OUTPUT_COLUMNS.items()]),
+    outputs=Schema([ColSpec(t, n) for n, t in OUTPUT_TYPES.items()]),
     # The service's optional threshold override; None: the contract's.
     params=ParamSchema([ParamSpec("threshold", "double", None)]),
 )

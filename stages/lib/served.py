@@ -11,19 +11,19 @@ a pulled clone's empty registry, or an unreachable server, must not stop serving
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import yaml
 
+from serving.contract import Contract, Lineage
 
-def served_lineage(bento: Path) -> dict[str, str]:
-    """The registered name and model md5 in the contract of the model the Bento serves."""
+
+def served_lineage(bento: Path) -> Lineage:
+    """The lineage in the contract of the model the Bento serves."""
     meta = yaml.safe_load((bento / "bento.yaml").read_text())
     name, version = meta["args"]["model_tag"].split(":")
-    contract = json.loads((bento / "models" / name / version / "contract.json").read_text())
-    return contract["lineage"]
+    return Contract.read(bento / "models" / name / version / "contract.json").lineage
 
 
 def report(bento: Path) -> list[str]:
@@ -36,7 +36,7 @@ def report(bento: Path) -> list[str]:
     from stages.lib.registry import champion_version, version_for
 
     lineage = served_lineage(bento)
-    name, md5 = lineage["registered_model"], lineage["model_md5"]
+    name, md5 = lineage.registered_model, lineage.model_md5
     where = mlflow.get_tracking_uri()
     try:
         served, champion = version_for(name, md5), champion_version(name)

@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
+from serving.contract import Column, InputSchema
 from serving.scoring import RequestError
 from serving.scoring import validate as contract_check
 from stages.lib.contract import NON_NEGATIVE
@@ -72,13 +73,11 @@ def _rows(mask: np.ndarray) -> list[int]:
     return [int(i) + 1 for i in np.flatnonzero(mask)[:EXAMPLE_ROWS]]
 
 
-def _schema_contract(columns: tuple[str, ...]) -> dict:
-    return {
-        "features": [
-            {"name": c, "valid_min": 0.0 if c in NON_NEGATIVE else None, "valid_max": None}
-            for c in columns
-        ]
-    }
+def _schema_rules(columns: tuple[str, ...]) -> InputSchema:
+    """The input rules that hold before there is a model (no training ranges yet)."""
+    return InputSchema(
+        features=[Column(name=c, valid_min=0.0 if c in NON_NEGATIVE else None) for c in columns]
+    )
 
 
 def validate(
@@ -105,7 +104,7 @@ def validate(
     # every value a finite number, Time and Amount >= 0 (the served contract then adds the
     # training ranges). Rows are reported as data rows counted from 1.
     try:
-        out = contract_check(frame, _schema_contract(required))
+        out = contract_check(frame, _schema_rules(required))
     except RequestError as problem:
         body = problem.body
         rows = [r + 1 for r in body.get("rows", [])]
