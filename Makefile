@@ -7,13 +7,10 @@ HOST ?= 127.0.0.1
 PORT ?= 3000
 SNAPSHOT_MINUTES ?= 5
 
-# Telemetry off; MLflow store and BentoML home inside the project unless the user set them.
-export DVC_NO_ANALYTICS := 1
-export MLFLOW_DISABLE_TELEMETRY := true
-export BENTOML_DO_NOT_TRACK := true
-export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
-export BENTOML_HOME ?= $(CURDIR)/bentoml_home
 export PATH := $(CURDIR)/$(BIN):$(PATH)
+# Telemetry off; MLflow store and BentoML home inside the project unless the user set them.
+# Written once, in stages/lib/environment.py; read (once, after setup) into every command.
+RUN = env $(eval PROJECT_ENV := $$(shell $(BIN)/python -m stages.lib.environment))$(PROJECT_ENV)
 
 .PHONY: setup system-deps run pipeline serve ui up down snapshot test test-reliability lint bench bench-model bench-ranking bench-serving bench-scale lock clean mlflow-ui push pull k8s-manifests image mlflow-server score
 
@@ -38,7 +35,7 @@ system-deps:
 	else echo "system-deps: missing$$missing (Debian: apt-get install $(SYSTEM_PACKAGES))"; fi
 
 pipeline: setup
-	$(BIN)/dvc repro
+	$(RUN) $(BIN)/dvc repro
 	@echo "Pipeline done: metrics in metrics/, plots in plots/ (dvc plots show), model and Bento in models/."
 
 run: pipeline up
@@ -51,40 +48,40 @@ BENTO_DIR = $(shell $(BIN)/python -c 'from stages.lib.project import pipeline_pa
 serve: setup
 	@test -f "$(BENTO_DIR)/bento.yaml" || { echo "no Bento yet: run 'make pipeline' first"; exit 1; }
 	@echo "serving $(BENTO_DIR) on http://$(HOST):$(PORT)"
-	@$(BIN)/python -m stages.lib.served --bento $(BENTO_DIR)
-	exec $(BIN)/bentoml serve $(BENTO_DIR) --host $(HOST) --port $(PORT)
+	@$(RUN) $(BIN)/python -m stages.lib.served --bento $(BENTO_DIR)
+	exec $(RUN) $(BIN)/bentoml serve $(BENTO_DIR) --host $(HOST) --port $(PORT)
 
 # The whole local stack on loopback (service, Prometheus, UI, Grafana if installed).
 up: setup system-deps
 	@test -f "$(BENTO_DIR)/bento.yaml" || $(MAKE) pipeline
-	$(BIN)/python -m monitoring.stack up
+	$(RUN) $(BIN)/python -m monitoring.stack up
 
 down:
-	$(BIN)/python -m monitoring.stack down
-	$(BIN)/python -m deploy.mlflow_server down
+	$(RUN) $(BIN)/python -m monitoring.stack down
+	$(RUN) $(BIN)/python -m deploy.mlflow_server down
 
 # Batch scoring with Spark from the registry: make score INPUT='data/incoming/*.csv' OUT=scored
 # [MODEL=models:/fraud-detector@candidate] [MASTER=spark://host:7077]. See batch/score.py.
 score: setup
 	@test -n "$(INPUT)" -a -n "$(OUT)" || { echo "usage: make score INPUT='<files or glob>' OUT=<folder>"; exit 1; }
-	$(BIN)/python -m batch.score $(INPUT) --out $(OUT) $(if $(MODEL),--model $(MODEL)) $(if $(MASTER),--master $(MASTER))
+	$(RUN) $(BIN)/python -m batch.score $(INPUT) --out $(OUT) $(if $(MODEL),--model $(MODEL)) $(if $(MASTER),--master $(MASTER))
 
 # MLflow for a team: PostgreSQL (under .run/postgres) behind `mlflow server` on
 # 127.0.0.1:5001; then `export MLFLOW_TRACKING_URI=http://127.0.0.1:5001`. `make down` stops it.
 mlflow-server: setup
-	$(BIN)/python -m deploy.mlflow_server up $(if $(ARTIFACTS),--artifacts-destination $(ARTIFACTS))
+	$(RUN) $(BIN)/python -m deploy.mlflow_server up $(if $(ARTIFACTS),--artifacts-destination $(ARTIFACTS))
 
 ui: setup
-	$(BIN)/streamlit run ui/app.py --server.address $(HOST) --server.port 8501 \
+	$(RUN) $(BIN)/streamlit run ui/app.py --server.address $(HOST) --server.port 8501 \
 	  --server.headless true --browser.gatherUsageStats false --server.maxUploadSize 300
 
 # The dashboard's panels as one PNG, from Prometheus (needs `make up` and some traffic).
 snapshot: setup
-	$(BIN)/python -m monitoring.snapshot --prometheus http://127.0.0.1:9090 --minutes $(SNAPSHOT_MINUTES) --out monitoring/snapshot.png
+	$(RUN) $(BIN)/python -m monitoring.snapshot --prometheus http://127.0.0.1:9090 --minutes $(SNAPSHOT_MINUTES) --out monitoring/snapshot.png
 
 test: setup system-deps
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	$(RUN) $(BIN)/python -m pytest -q
 
 # The reliability suite at full size: schemathesis with >= 2,000 cases, a 2-minute soak,
 # the attacks and faults of issue 11; figures in bench/results/reliability.md.
@@ -92,14 +89,14 @@ test-reliability: setup
 	rm -f bench/results/reliability.json
 	FRAUD_FUZZ_EXAMPLES=1000 FRAUD_SOAK_SECONDS=120 \
 	  FRAUD_RELIABILITY_REPORT=$(CURDIR)/bench/results/reliability.json \
-	  $(BIN)/python -m pytest -q -m reliability tests/test_service.py tests/test_serving_validation.py
-	$(BIN)/python -m bench.reliability
+	  $(RUN) $(BIN)/python -m pytest -q -m reliability tests/test_service.py tests/test_serving_validation.py
+	$(RUN) $(BIN)/python -m bench.reliability
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
 bench: setup
-	$(BIN)/python -m bench.pipeline
+	$(RUN) $(BIN)/python -m bench.pipeline
 	$(MAKE) bench-serving
 
 # Serving only: in-process runtimes, single rows vs BentoML's floor, batches, a CPU hog.
@@ -107,30 +104,30 @@ bench-serving: setup
 	@command -v hey >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y -q hey; } \
 	  || echo "bench-serving: no 'hey' (apt-get install hey): single rows use a Python client"
 	@test -f "$(BENTO_DIR)/bento.yaml" || $(MAKE) pipeline
-	$(BIN)/python -m bench.serving
+	$(RUN) $(BIN)/python -m bench.serving
 
 # Share pipeline outputs through the DVC remote (.dvc/config; see README "Sharing artifacts").
 push: setup
-	$(BIN)/dvc push
+	$(RUN) $(BIN)/dvc push
 
 pull: setup
-	$(BIN)/dvc pull
+	$(RUN) $(BIN)/dvc pull
 
 # Model quality on the real first day (../shared/, skipped when absent) and the synthetic data.
 # Spark local, pandas and the service on the same 1M rows: bench/results/scale.md.
 bench-scale: setup
-	$(BIN)/python -m bench.scale
+	$(RUN) $(BIN)/python -m bench.scale
 
 bench-model: setup
-	$(BIN)/python -m bench.model
+	$(RUN) $(BIN)/python -m bench.model
 
 # Do the families rank on the synthetic default as on the real first day? bench/results/ranking.md.
 bench-ranking: setup
-	$(BIN)/python -m bench.ranking
+	$(RUN) $(BIN)/python -m bench.ranking
 
 # deploy/k8s's copies of monitoring/'s alert rules and dashboards (a test keeps them equal).
 k8s-manifests: setup
-	$(BIN)/python -m deploy.k8s.render
+	$(RUN) $(BIN)/python -m deploy.k8s.render
 
 # The service's container image, from the Bento's generated Dockerfile. Needs a Docker
 # engine (none on the CI machines): push it where your cluster pulls from.
@@ -141,7 +138,7 @@ image:
 	docker build -t $(IMAGE) -f $(BENTO_DIR)/env/docker/Dockerfile $(BENTO_DIR)
 
 mlflow-ui: setup
-	$(BIN)/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host 127.0.0.1 --port 5000
+	$(RUN) sh -c 'exec $(BIN)/mlflow ui --backend-store-uri "$$MLFLOW_TRACKING_URI" --host 127.0.0.1 --port 5000'
 
 # Re-pin everything from requirements.txt (run when changing a direct dependency).
 lock:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import yaml
 
+from stages.lib.environment import TELEMETRY_OFF, stores
 from stages.lib.project import copy_checkout
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,11 +56,8 @@ def main() -> None:
         env = {
             **os.environ,
             "PATH": f"{BIN}:{os.environ['PATH']}",
-            "DVC_NO_ANALYTICS": "1",
-            "MLFLOW_TRACKING_URI": f"sqlite:///{base / 'mlflow.db'}",
-            "BENTOML_HOME": str(base / "bentoml_home"),
-            "MLFLOW_DISABLE_TELEMETRY": "true",
-            "BENTOML_DO_NOT_TRACK": "true",
+            **TELEMETRY_OFF,
+            **stores(base),  # the scratch checkout's own, beside it
         }
         rows = []
         for stage in stages:

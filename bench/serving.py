@@ -33,6 +33,7 @@ import requests
 
 from serving.contract import Contract
 from serving.runtime import load_runtime
+from stages.lib.environment import project_env
 from stages.lib.project import pipeline_path
 from stages.lib.servers import BIN, free_port, start_bento, start_server, stop
 
@@ -237,8 +238,7 @@ def single_rows(url: str, body: bytes, label: str) -> list[dict]:
 def main() -> None:
     env = {
         **os.environ,
-        "BENTOML_HOME": os.environ.get("BENTOML_HOME", str(ROOT / "bentoml_home")),
-        "BENTOML_DO_NOT_TRACK": "true",
+        **project_env(ROOT),
         "FRAUD_MAX_JSON_ROWS": str(max(SIZES)),
     }
     bento = pipeline_path("bento", ROOT)  # the package stage's Bento folder

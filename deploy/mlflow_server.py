@@ -25,6 +25,7 @@ from pathlib import Path
 import psycopg2
 
 from monitoring.stack import stop_tracked
+from stages.lib.environment import TELEMETRY_OFF
 from stages.lib.servers import BIN, start_server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,7 +118,7 @@ def mlflow_command(backend_uri: str, artifacts: str, port: int) -> list[str]:
 
 def start_mlflow(postgres: Postgres, artifacts: str, port: int, log: Path) -> subprocess.Popen:
     """`mlflow server` on the cluster; returned once it answers /health (~40 s)."""
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    env = {**os.environ, **TELEMETRY_OFF}
     command = mlflow_command(postgres.uri(), artifacts, port)
     return start_server(command, env, log, f"http://{HOST}:{port}/health")
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from stages.lib.environment import project_env
 from stages.lib.lifecycle import PENDING, bind_to_pipeline
 from stages.lib.params import load_params
 
@@ -45,14 +46,9 @@ def project_root() -> Path:
 
 
 def configure_environment() -> None:
-    """Telemetry off and the MLflow / BentoML stores inside the project unless set by the user."""
-    root = project_root()
-    os.environ.setdefault("DVC_NO_ANALYTICS", "1")
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
-    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-    os.environ.setdefault("BENTOML_HOME", str(root / "bentoml_home"))
-    os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+    """Telemetry off and the MLflow / BentoML stores inside the project unless set by the
+    user (stages/lib/environment.py)."""
+    os.environ.update(project_env(project_root()))
 
 
 def setup_logging() -> None:
