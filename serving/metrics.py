@@ -44,7 +44,7 @@ DRIFT_WINDOW_ROWS = Gauge(
 )
 REFERENCE_FLAGGED_RATIO = Gauge(
     "fraud_reference_flagged_ratio",
-    "Share of reference (validation) rows at or above the threshold",
+    "Share of reference (test split) rows at or above the threshold",
     multiprocess_mode="livemax",
 )
 MODEL_INFO = Gauge(

@@ -5,7 +5,7 @@ UI, may move `champion` after evaluate ran. So this stage runs on every `dvc rep
 (`always_changed` in dvc.yaml) and asks. Its output, models/champion.json, holds content
 only (the champion's md5, threshold, costs, test metrics and lineage): it changes only when
 the champion, the costs or the test split do, and only then does package rebuild the
-Bento. An unchanged champion costs one registry query and no model load.
+Bento. An unchanged champion costs a few MLflow queries and no model load.
 
 A checkout whose registry does not know the model at all (a teammate's clone that pulled
 the artifacts from a DVC remote, with an empty MLflow store) keeps the champion.json it

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import csv
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pandas as pd
 
 from stages.lib.evaluation import evaluate_scores, plot_data, score_metrics
@@ -30,6 +33,11 @@ from stages.lib.project import (
     write_json,
 )
 from stages.lib.schema import TARGET
+
+if TYPE_CHECKING:
+    from mlflow.entities import LoggedModel
+
+    from stages.lib.registry import RegistryOutcome
 
 log = logging.getLogger("fraudops.evaluate")
 REGISTRY_SIDE_FILE = "registry.json"  # versions and run ids: for people, not for DVC
@@ -64,13 +72,91 @@ def write_plots(plots: dict[str, list[dict]], out_dir: Path) -> None:
             write_json(out_dir / f"{name}.json", records)
 
 
+@dataclass
+class Scored:
+    """The candidate's test scores and the metrics at the threshold chosen out of fold."""
+
+    test: pd.DataFrame
+    test_y: np.ndarray
+    test_p: np.ndarray
+    oof_y: np.ndarray
+    oof_p: np.ndarray
+    threshold: float
+    metrics: dict[str, Any]
+
+
+def score_candidate(model: Any, oof: pd.DataFrame, test: pd.DataFrame, cfg: dict) -> Scored:
+    """The threshold from the training rows' out-of-fold scores, the test metrics at it."""
+    oof_y, oof_p = oof[TARGET].to_numpy(), oof["probability"].to_numpy()
+    test_y, test_p = test[TARGET].to_numpy(), fraud_probability(model, test)
+    threshold, metrics = evaluate_scores(oof_y, oof_p, test_y, test_p, cfg)
+    log.info(
+        "test: AP %.4f, ROC AUC %.4f, Brier %.5f, precision %.3f, recall %.3f at %.4f "
+        "(cost-optimal on %d out-of-fold training rows)",
+        metrics["average_precision"],
+        metrics["roc_auc"],
+        metrics["brier"],
+        metrics["precision"],
+        metrics["recall"],
+        threshold,
+        len(oof),
+    )
+    return Scored(test, test_y, test_p, oof_y, oof_p, threshold, metrics)
+
+
+def log_and_gate(metrics: dict, cfg: dict) -> None:
+    """Log the test metrics to the training run and apply the quality gate; a failed gate
+    ends the stage (and the run is tagged so)."""
+    import mlflow
+
+    mlflow.log_metrics({f"test_{k}": v for k, v in metrics.items()})
+    # Tags, not params: evaluate may run again on the same training run with other
+    # costs or gates, and MLflow params are write-once.
+    mlflow.set_tags({f"evaluate.{k}": v for k, v in flatten(cfg).items()})
+    try:
+        check_gate(metrics, cfg["gate"])
+    except QualityGateError as exc:
+        mlflow.set_tag("quality_gate", "failed")
+        log.error("%s", exc)
+        raise SystemExit(1) from None
+    mlflow.set_tag("quality_gate", "passed")
+
+
+def register(logged: LoggedModel, md5: str, scored: Scored, cfg: dict) -> RegistryOutcome:
+    """Register the candidate and promote it if it beats the champion re-scored on this
+    test split at the candidate's threshold; returns the registry's outcome."""
+    import mlflow
+
+    from stages.lib.registry import register_and_promote
+
+    outcome = register_and_promote(
+        logged,
+        cfg["registered_model"],
+        md5,
+        candidate_score=scored.metrics["average_precision"],
+        score_champion=lambda champion: score_metrics(
+            scored.test_y,
+            fraud_probability(champion, scored.test),
+            scored.threshold,
+            review_budget=int(cfg["review_budget"]),
+            **costs(cfg),
+        )["average_precision"],
+    )
+    mlflow.set_tags(
+        {
+            "registered_version": str(outcome.candidate_version),
+            "served_by_champion": str(outcome.champion_md5 == md5),
+        }
+    )
+    return outcome
+
+
 def main() -> None:
     paths = stage_paths(__doc__, "split", "model", "oof", "metrics", "plots")
     setup_logging()
     configure_environment()
     import mlflow
 
-    from stages.lib.registry import register_and_promote
     from stages.lib.tracking import logged_model_for, resume_run
 
     cfg = stage_params("evaluate")["evaluate"]
@@ -83,71 +169,25 @@ def main() -> None:
         model = load_model(paths.model)
         md5 = file_md5(paths.model)
         logged = logged_model_for(md5)
-        run_id = logged.source_run_id
-        oof = pd.read_parquet(paths.oof)
-        test = pd.read_parquet(paths.split / "test.parquet")
-        test_y, test_p = test[TARGET].to_numpy(), fraud_probability(model, test)
-        threshold, metrics = evaluate_scores(
-            oof[TARGET].to_numpy(), oof["probability"].to_numpy(), test_y, test_p, cfg
+        scored = score_candidate(
+            model, pd.read_parquet(paths.oof), pd.read_parquet(paths.split / "test.parquet"), cfg
         )
-        log.info(
-            "test: AP %.4f, ROC AUC %.4f, Brier %.5f, precision %.3f, recall %.3f at %.4f "
-            "(cost-optimal on %d out-of-fold training rows)",
-            metrics["average_precision"],
-            metrics["roc_auc"],
-            metrics["brier"],
-            metrics["precision"],
-            metrics["recall"],
-            threshold,
-            len(oof),
-        )
-
-        with resume_run(run_id):
-            mlflow.log_metrics({f"test_{k}": v for k, v in metrics.items()})
-            # Tags, not params: evaluate may run again on the same training run with other
-            # costs or gates, and MLflow params are write-once.
-            mlflow.set_tags({f"evaluate.{k}": v for k, v in flatten(cfg).items()})
-            try:
-                check_gate(metrics, cfg["gate"])
-            except QualityGateError as exc:
-                mlflow.set_tag("quality_gate", "failed")
-                log.error("%s", exc)
-                raise SystemExit(1) from None
-            mlflow.set_tag("quality_gate", "passed")
-            write_plots(
-                plot_data(
-                    test_y,
-                    test_p,
-                    threshold,
-                    oof[TARGET].to_numpy(),
-                    oof["probability"].to_numpy(),
-                    **costs(cfg),
-                ),
-                paths.plots,
+        with resume_run(logged.source_run_id):
+            log_and_gate(scored.metrics, cfg)
+            plots = plot_data(
+                scored.test_y,
+                scored.test_p,
+                scored.threshold,
+                scored.oof_y,
+                scored.oof_p,
+                **costs(cfg),
             )
+            write_plots(plots, paths.plots)
             mlflow.log_artifacts(str(paths.plots), artifact_path=paths.plots.name)
-            outcome = register_and_promote(
-                logged,
-                cfg["registered_model"],
-                md5,
-                candidate_score=metrics["average_precision"],
-                score_champion=lambda champion: score_metrics(
-                    test_y,
-                    fraud_probability(champion, test),
-                    threshold,
-                    review_budget=int(cfg["review_budget"]),
-                    **costs(cfg),
-                )["average_precision"],
-            )
-            mlflow.set_tags(
-                {
-                    "registered_version": str(outcome.candidate_version),
-                    "served_by_champion": str(outcome.champion_md5 == md5),
-                }
-            )
+            outcome = register(logged, md5, scored, cfg)
 
-        write_json(paths.metrics, metrics)
-        write_json(side_file, {**outcome.summary(), "candidate_run_id": run_id})
+        write_json(paths.metrics, scored.metrics)
+        write_json(side_file, {**outcome.summary(), "candidate_run_id": logged.source_run_id})
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -50,20 +52,6 @@ def choose(train: pd.DataFrame, cfg: dict, time_ordered: bool) -> tuple[list[dic
             raise SystemExit(f"train.model must be 'auto' or one of {MODELS}, got {family!r}")
         return [{"family": family, "params": dict(cfg[family])}], {"chosen": family}
 
-    def log_trial(record: dict[str, Any]) -> None:
-        with mlflow.start_run(run_name=f"trial-{record['trial']:03d}", nested=True):
-            mlflow.log_params({"family": record["family"], **record["params"]})
-            mlflow.log_metrics(
-                {
-                    "cv_average_precision": record["cv_average_precision"],
-                    "seconds": record["seconds"],
-                    **{
-                        f"fold_{i}_average_precision": v
-                        for i, v in enumerate(record["fold_average_precision"])
-                    },
-                }
-            )
-
     search = cfg["search"]
     defaults = {f: dict(cfg[f]) for f in search["families"]}
     start = time.perf_counter()
@@ -84,15 +72,120 @@ def choose(train: pd.DataFrame, cfg: dict, time_ordered: bool) -> tuple[list[dic
     return result.members, summary
 
 
+def log_trial(record: dict[str, Any]) -> None:
+    """One search trial as a nested run of the training run."""
+    import mlflow
+
+    with mlflow.start_run(run_name=f"trial-{record['trial']:03d}", nested=True):
+        mlflow.log_params({"family": record["family"], **record["params"]})
+        mlflow.log_metrics(
+            {
+                "cv_average_precision": record["cv_average_precision"],
+                "seconds": record["seconds"],
+                **{
+                    f"fold_{i}_average_precision": v
+                    for i, v in enumerate(record["fold_average_precision"])
+                },
+            }
+        )
+
+
+@dataclass
+class Fitted:
+    """The refitted, calibrated model and what the run records about its fit."""
+
+    model: Any
+    oof: pd.DataFrame  # calibrated out-of-fold probabilities and labels, for evaluate
+    rows: int
+    frauds: int
+    seconds: float
+
+
+def refit(
+    members: list[dict],
+    chosen: str,
+    train: pd.DataFrame,
+    valid: pd.DataFrame,
+    cfg: dict,
+    time_ordered: bool,
+) -> Fitted:
+    """The chosen members refitted on train + valid and calibrated out of fold."""
+    # train then valid: for a time split, rows stay in time order for the folds.
+    rows = pd.concat([train, valid], ignore_index=True)
+    labels = rows[TARGET].to_numpy()
+    log.info("refitting %s on %d rows (%d frauds)", chosen, len(rows), labels.sum())
+    start = time.perf_counter()
+    model, oof_rows, oof_probability = refit_calibrated(members, rows, cfg, time_ordered)
+    seconds = time.perf_counter() - start
+    log.info(
+        "refit and %s calibration on %d out-of-fold rows: %.1f s",
+        calibration_name(model),
+        len(oof_rows),
+        seconds,
+    )
+    oof = pd.DataFrame({"probability": oof_probability, TARGET: labels[oof_rows]})
+    return Fitted(model, oof, len(rows), int(labels.sum()), seconds)
+
+
+def log_fit(fitted: Fitted, summary: dict, split_dir: Path, oof_path: Path) -> None:
+    """The run's lineage tags, fit metrics and out-of-fold file (champion reads it back)."""
+    import mlflow
+
+    mlflow.set_tags(
+        {
+            "train_data_md5": file_md5(split_dir / "train.parquet"),
+            "valid_data_md5": file_md5(split_dir / "valid.parquet"),
+            "model_family": summary["chosen"],
+            "calibration_method": calibration_name(fitted.model),
+        }
+    )
+    mlflow.log_metrics(
+        {
+            "fit_seconds": fitted.seconds,
+            "fit_rows": fitted.rows,
+            "fit_frauds": fitted.frauds,
+            **{k: v for k, v in summary.items() if isinstance(v, int | float)},
+        }
+    )
+    mlflow.log_artifact(str(oof_path))
+
+
+def log_and_copy_model(
+    model: Any, members: list[dict], example: pd.DataFrame, model_path: Path
+) -> str:
+    """Log the model to MLflow and make the DVC output that same file; returns its md5."""
+    import mlflow
+    import sklearn
+
+    from stages.lib.scoring_model import log_scoring_model
+    from stages.lib.tracking import MODEL_ARTIFACT
+
+    # Two flavors: sklearn (the pickle, the DVC output) and a pyfunc that applies the
+    # serving contract package adds later (stages/lib/scoring_model.py).
+    logged = log_scoring_model(
+        model,
+        example,
+        # Inferring requirements re-imports the model in a subprocess (slow).
+        [f"scikit-learn=={sklearn.__version__}", *_extra_requirements(members)],
+    )
+    location = mlflow.get_logged_model(logged.model_id).artifact_location
+    local = mlflow.artifacts.download_artifacts(artifact_uri=f"{location}/{MODEL_ARTIFACT}")
+    with atomic_path(model_path) as tmp:
+        shutil.copyfile(local, tmp)
+    md5 = file_md5(local)
+    # How evaluate and package find this run and model from the DVC output alone.
+    mlflow.set_tag("model_md5", md5)
+    mlflow.set_logged_model_tags(logged.model_id, {"model_md5": md5})
+    return md5
+
+
 def main() -> None:
     paths = stage_paths(__doc__, "split", "model", "oof", "search")
     setup_logging()
     configure_environment()
     import mlflow
-    import sklearn
 
-    from stages.lib.scoring_model import log_scoring_model
-    from stages.lib.tracking import MODEL_ARTIFACT, start_training_run
+    from stages.lib.tracking import start_training_run
 
     params = stage_params("train")
     cfg = params["train"]
@@ -102,58 +195,12 @@ def main() -> None:
         valid = pd.read_parquet(paths.split / "valid.parquet")
         mlflow.log_params(flatten(params))
         members, summary = choose(train, cfg, time_ordered)
-
-        # train then valid: for a time split, rows stay in time order for the folds.
-        rows = pd.concat([train, valid], ignore_index=True)
-        labels = rows[TARGET].to_numpy()
-        log.info("refitting %s on %d rows (%d frauds)", summary["chosen"], len(rows), labels.sum())
-        start = time.perf_counter()
-        model, oof_rows, oof_probability = refit_calibrated(members, rows, cfg, time_ordered)
-        fit_seconds = time.perf_counter() - start
-        log.info(
-            "refit and %s calibration on %d out-of-fold rows: %.1f s",
-            calibration_name(model),
-            len(oof_rows),
-            fit_seconds,
-        )
-        oof = pd.DataFrame({"probability": oof_probability, TARGET: labels[oof_rows]})
+        fitted = refit(members, summary["chosen"], train, valid, cfg, time_ordered)
         with atomic_path(paths.oof) as tmp:
-            oof.to_parquet(tmp, index=False)
+            fitted.oof.to_parquet(tmp, index=False)
         write_json(paths.search, summary)
-
-        mlflow.set_tags(
-            {
-                "train_data_md5": file_md5(paths.split / "train.parquet"),
-                "valid_data_md5": file_md5(paths.split / "valid.parquet"),
-                "model_family": summary["chosen"],
-                "calibration_method": calibration_name(model),
-            }
-        )
-        mlflow.log_metrics(
-            {
-                "fit_seconds": fit_seconds,
-                "fit_rows": len(rows),
-                "fit_frauds": int(labels.sum()),
-                **{k: v for k, v in summary.items() if isinstance(v, int | float)},
-            }
-        )
-        mlflow.log_artifact(str(paths.oof))
-        # Two flavors: sklearn (the pickle, the DVC output) and a pyfunc that applies the
-        # serving contract package adds later (stages/lib/scoring_model.py).
-        logged = log_scoring_model(
-            model,
-            valid[list(FEATURES)].head(5),
-            # Inferring requirements re-imports the model in a subprocess (slow).
-            [f"scikit-learn=={sklearn.__version__}", *_extra_requirements(members)],
-        )
-        location = mlflow.get_logged_model(logged.model_id).artifact_location
-        local = mlflow.artifacts.download_artifacts(artifact_uri=f"{location}/{MODEL_ARTIFACT}")
-        with atomic_path(paths.model) as tmp:
-            shutil.copyfile(local, tmp)
-        md5 = file_md5(local)
-        # How evaluate and package find this run and model from the DVC output alone.
-        mlflow.set_tag("model_md5", md5)
-        mlflow.set_logged_model_tags(logged.model_id, {"model_md5": md5})
+        log_fit(fitted, summary, paths.split, paths.oof)
+        md5 = log_and_copy_model(fitted.model, members, valid[list(FEATURES)].head(5), paths.model)
         log.info("mlflow run %s, model md5 %s", run.info.run_id, md5)
 
 

@@ -118,16 +118,18 @@ def plot_data(
     y: np.ndarray,
     p: np.ndarray,
     threshold: float,
-    valid_y: np.ndarray,
-    valid_p: np.ndarray,
+    oof_y: np.ndarray,
+    oof_p: np.ndarray,
     cost_missed_fraud: float,
     cost_false_alarm: float,
 ) -> dict[str, list[dict[str, Any]]]:
-    """Curve tables for `dvc plots`: each a list of flat records."""
+    """Curve tables for `dvc plots`: each a list of flat records. Test scores (`y`, `p`)
+    for all but the cost curve, which is drawn on the out-of-fold scores of the training
+    rows, where the threshold was chosen."""
     precision, recall, _ = precision_recall_curve(y, p)
     fpr, tpr, _ = roc_curve(y, p)
     prob_true, prob_pred = calibration_curve(y, p, n_bins=10, strategy="quantile")
-    thresholds, costs = cost_by_threshold(valid_y, valid_p, cost_missed_fraud, cost_false_alarm)
+    thresholds, costs = cost_by_threshold(oof_y, oof_p, cost_missed_fraud, cost_false_alarm)
     edges = np.linspace(0, 1, 21)
     legit_hist = np.histogram(p[y == 0], bins=edges)[0] / max(1, int((y == 0).sum()))
     fraud_hist = np.histogram(p[y == 1], bins=edges)[0] / max(1, int((y == 1).sum()))

@@ -161,6 +161,31 @@ def cross_fitted(
     on_probability = method == "auto" and not hasattr(make(), "decision_function")
     if method == "auto":
         method = "sigmoid"
+    oof_rows, oof_scores = _out_of_fold_scores(make, frame, labels, splitter, on_probability)
+    features = frame[list(FEATURES)]
+    final = make().fit(features, labels)
+    y = labels[oof_rows]
+    # The object is built by scikit-learn itself on a small slice (both classes present),
+    # then given the calibrator fitted on out-of-fold scores: what sklearn makes, fitted
+    # the honest way.
+    slice_rows = np.r_[oof_rows[y == 1], oof_rows[y == 0][:1000]]
+    slice_x, slice_y = features.iloc[slice_rows], labels[slice_rows]
+    if on_probability:
+        model, calibrated = _platt_on_probability(final, slice_x, slice_y, oof_scores, y)
+    else:
+        model, calibrated = _calibrated_classifier(final, method, slice_x, slice_y, oof_scores, y)
+    return model, oof_rows, calibrated
+
+
+def _out_of_fold_scores(
+    make: Callable[[], Any],
+    frame: pd.DataFrame,
+    labels: np.ndarray,
+    splitter: Any,
+    on_probability: bool,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The held-out row positions of every fold, and the scores the calibrator is fitted
+    on: predict_proba for log-odds Platt (which takes its logit), else raw_scores."""
     features = frame[list(FEATURES)]
     positions, scores = [], []
     for fit_rows, held_out in splitter.split(features, labels):
@@ -171,27 +196,46 @@ def cross_fitted(
             if on_probability
             else raw_scores(model, frame.iloc[held_out])
         )
-    oof_rows, oof_scores = np.concatenate(positions), np.concatenate(scores)
-    y = labels[oof_rows]
-    final = make().fit(features, labels)
-    # The object is built by scikit-learn itself on a small slice (both classes present),
-    # then given the calibrator fitted on out-of-fold scores: what sklearn makes, fitted
-    # the honest way.
-    slice_rows = np.r_[oof_rows[y == 1], oof_rows[y == 0][:1000]]
-    if on_probability:
-        platt = logit_platt().fit(oof_scores.reshape(-1, 1), y)
-        head = platt.named_steps["platt"]
-        head.coef_ = np.vectorize(round_significant)(head.coef_)
-        head.intercept_ = np.vectorize(round_significant)(head.intercept_)
-        model = StackingClassifier(
-            [("model", FrozenEstimator(final))],
-            final_estimator=logit_platt(),
-            stack_method="predict_proba",
-            cv=2,
-        )
-        model.fit(features.iloc[slice_rows], labels[slice_rows])
-        model.final_estimator_ = platt
-        return model, oof_rows, platt.predict_proba(oof_scores.reshape(-1, 1))[:, 1]
+    return np.concatenate(positions), np.concatenate(scores)
+
+
+def _platt_on_probability(
+    final: Any,
+    slice_x: pd.DataFrame,
+    slice_y: np.ndarray,
+    oof_scores: np.ndarray,
+    y: np.ndarray,
+) -> tuple[StackingClassifier, np.ndarray]:
+    """`final` under Platt on logit(predict_proba), fitted on the out-of-fold
+    probabilities: a StackingClassifier, since CalibratedClassifierCV calibrates the
+    probability itself and cannot take its logit first. Returns it and the calibrated
+    out-of-fold probabilities."""
+    platt = logit_platt().fit(oof_scores.reshape(-1, 1), y)
+    head = platt.named_steps["platt"]
+    head.coef_ = np.vectorize(round_significant)(head.coef_)
+    head.intercept_ = np.vectorize(round_significant)(head.intercept_)
+    model = StackingClassifier(
+        [("model", FrozenEstimator(final))],
+        final_estimator=logit_platt(),
+        stack_method="predict_proba",
+        cv=2,
+    )
+    model.fit(slice_x, slice_y)
+    model.final_estimator_ = platt
+    return model, platt.predict_proba(oof_scores.reshape(-1, 1))[:, 1]
+
+
+def _calibrated_classifier(
+    final: Any,
+    method: str,
+    slice_x: pd.DataFrame,
+    slice_y: np.ndarray,
+    oof_scores: np.ndarray,
+    y: np.ndarray,
+) -> tuple[CalibratedClassifierCV, np.ndarray]:
+    """`final` in a CalibratedClassifierCV (`method`: sigmoid or isotonic) whose calibrator
+    is fitted on the out-of-fold raw scores. Returns it and the calibrated out-of-fold
+    probabilities."""
     if method == "sigmoid":
         calibrator = _SigmoidCalibration().fit(oof_scores, y)
         calibrator.a_ = round_significant(calibrator.a_)
@@ -199,9 +243,9 @@ def cross_fitted(
     else:
         calibrator = IsotonicRegression(out_of_bounds="clip").fit(oof_scores, y)
     model = CalibratedClassifierCV(FrozenEstimator(final), method=method)
-    model.fit(features.iloc[slice_rows], labels[slice_rows])
+    model.fit(slice_x, slice_y)
     model.calibrated_classifiers_[0].calibrators[0] = calibrator
-    return model, oof_rows, calibrator.predict(oof_scores)
+    return model, calibrator.predict(oof_scores)
 
 
 def refit_calibrated(

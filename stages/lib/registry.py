@@ -41,7 +41,7 @@ class RegistryOutcome:
     promoted: bool
     previous_champion_version: int | None
     previous_champion_score: float | None
-    champion_model: Any = None  # the champion's model when it is not the candidate
+    champion_model: Any = None  # the champion's model, when it was re-scored and stays
 
     def summary(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k != "champion_model"}
@@ -81,6 +81,42 @@ def _register(client: MlflowClient, model: LoggedModel, name: str, md5: str) -> 
     return mlflow.register_model(f"models:/{model.model_id}", name, tags={"model_md5": md5})
 
 
+@dataclass
+class _Verdict:
+    promoted: bool
+    reason: str
+    champion_model: Any = None
+    champion_score: float | None = None
+
+
+def _judge(
+    champion: ModelVersion | None,
+    name: str,
+    model_md5: str,
+    candidate_score: float,
+    score_champion: Callable[[Any], float],
+) -> _Verdict:
+    """Whether the candidate takes `champion`'s place, and why. Only a champion that is
+    another content-addressed file is loaded and re-scored."""
+    champion_md5 = champion.tags.get("model_md5") if champion else None
+    if champion is None:
+        return _Verdict(True, "there was no champion")
+    if champion_md5 == model_md5:
+        return _Verdict(False, "it already is the champion")
+    if champion_md5 is None:
+        return _Verdict(True, f"champion v{champion.version} predates content-addressed models")
+    from stages.lib.modeling import load_model  # scikit-learn: only when scoring one
+
+    champion_model = load_model(download_model(name, "champion", champion_md5))
+    champion_score = float(score_champion(champion_model))
+    promoted = candidate_score > champion_score
+    reason = (
+        f"AP {candidate_score:.4f} {'>' if promoted else '<='} champion "
+        f"v{champion.version}'s {champion_score:.4f} on this test data"
+    )
+    return _Verdict(promoted, reason, None if promoted else champion_model, champion_score)
+
+
 def register_and_promote(
     model: LoggedModel,
     name: str,
@@ -94,35 +130,16 @@ def register_and_promote(
     candidate = _register(client, model, name, model_md5)
     client.set_registered_model_alias(name, "candidate", candidate.version)
     champion = _alias(client, name, "champion")
-    champion_md5 = champion.tags.get("model_md5") if champion else None
-    champion_model, champion_score = None, None
-    if champion is None:
-        promoted, reason = True, "there was no champion"
-    elif champion_md5 == model_md5:
-        promoted, reason = False, "it already is the champion"
-    elif champion_md5 is None:
-        promoted = True
-        reason = f"champion v{champion.version} predates content-addressed models"
-    else:
-        from stages.lib.modeling import load_model  # scikit-learn: only when scoring one
-
-        champion_model = load_model(download_model(name, "champion", champion_md5))
-        champion_score = float(score_champion(champion_model))
-        promoted = candidate_score > champion_score
-        reason = (
-            f"AP {candidate_score:.4f} {'>' if promoted else '<='} champion "
-            f"v{champion.version}'s {champion_score:.4f} on this test data"
-        )
-    if promoted:
+    verdict = _judge(champion, name, model_md5, candidate_score, score_champion)
+    if verdict.promoted:
         client.set_registered_model_alias(name, "champion", candidate.version)
-        champion_model = None
-    served = candidate if promoted or champion is None else champion
+    served = candidate if verdict.promoted or champion is None else champion
     log.info(
         "%s v%s is the candidate; champion %s (%s)",
         name,
         candidate.version,
-        f"moved to v{candidate.version}" if promoted else f"stays v{served.version}",
-        reason,
+        f"moved to v{candidate.version}" if verdict.promoted else f"stays v{served.version}",
+        verdict.reason,
     )
     return RegistryOutcome(
         registered_model=name,
@@ -131,10 +148,10 @@ def register_and_promote(
         champion_version=int(served.version),
         champion_md5=served.tags.get("model_md5", model_md5),
         champion_run_id=served.run_id,
-        promoted=promoted,
+        promoted=verdict.promoted,
         previous_champion_version=int(champion.version) if champion else None,
-        previous_champion_score=champion_score,
-        champion_model=champion_model,
+        previous_champion_score=verdict.champion_score,
+        champion_model=verdict.champion_model,
     )
 
 

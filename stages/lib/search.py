@@ -117,52 +117,44 @@ def population_weights(labels: np.ndarray, negative_fraction: float) -> np.ndarr
     return np.where(labels == 1, 1.0, 1.0 / min(1.0, negative_fraction))
 
 
-def run_search(
-    train: pd.DataFrame,
-    cfg: dict[str, Any],
-    defaults: dict[str, dict[str, Any]],
-    seed: int,
-    time_ordered: bool,
-    on_trial: Callable[[dict[str, Any]], None] = lambda _: None,
-) -> SearchResult:
-    """Search `cfg['families']` on `train` and return the best configuration found."""
-    families = list(cfg["families"])
-    unknown = [f for f in families if f not in SPACES]
-    if unknown:
-        raise ValueError(f"train.search.families has unknown families {unknown}")
-    sample = search_sample(train, float(cfg["negative_fraction"]), seed)
-    labels = sample[TARGET].to_numpy()
-    weights = population_weights(labels, float(cfg["negative_fraction"]))
+@dataclass
+class _Trials:
+    """The rows every trial is scored on, and what the finished trials left behind: their
+    records, and their out-of-fold scores, from which the average of the two best families
+    is scored without refitting either."""
 
-    def weighted_ap(rows: np.ndarray, scores: np.ndarray) -> float:
-        return float(average_precision_score(labels[rows], scores, sample_weight=weights[rows]))
+    sample: pd.DataFrame
+    labels: np.ndarray
+    weights: np.ndarray
+    splitter: Any
+    families: list[str]
+    defaults: dict[str, dict[str, Any]]
+    seed: int
+    on_trial: Callable[[dict[str, Any]], None]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    fold_predictions: dict[int, list[tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict)
 
-    splitter = folds(int(cfg["folds"]), time_ordered, seed)
-    log.info(
-        "searching %s: %d trials (cap %s s) on %d rows (%d frauds), %d %s folds",
-        ", ".join(families),
-        int(cfg["trials"]),
-        cfg["timeout_seconds"],
-        len(sample),
-        int(labels.sum()),
-        int(cfg["folds"]),
-        "forward-chaining" if time_ordered else "stratified",
-    )
-    fold_predictions: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
-    history: list[dict[str, Any]] = []
+    def weighted_ap(self, rows: np.ndarray, scores: np.ndarray) -> float:
+        return float(
+            average_precision_score(self.labels[rows], scores, sample_weight=self.weights[rows])
+        )
 
-    def objective(trial: optuna.Trial) -> float:
-        family = trial.suggest_categorical("family", families)
-        params = _suggest(trial, family, defaults[family])
+    def objective(self, trial: optuna.Trial) -> float:
+        """Optuna's objective: one configuration's mean AP over the folds."""
+        family = trial.suggest_categorical("family", self.families)
+        params = _suggest(trial, family, self.defaults[family])
         start = time.perf_counter()
         parts = [
             (rows, scores)
             for rows, _, scores in fold_scores(
-                lambda: build_estimator(family, params, seed), sample, labels, splitter
+                lambda: build_estimator(family, params, self.seed),
+                self.sample,
+                self.labels,
+                self.splitter,
             )
         ]
-        per_fold = [weighted_ap(rows, scores) for rows, scores in parts]
-        fold_predictions[trial.number] = parts
+        per_fold = [self.weighted_ap(rows, scores) for rows, scores in parts]
+        self.fold_predictions[trial.number] = parts
         record = {
             "trial": trial.number,
             "family": family,
@@ -171,8 +163,8 @@ def run_search(
             "fold_average_precision": [float(v) for v in per_fold],
             "seconds": time.perf_counter() - start,
         }
-        history.append(record)
-        on_trial(record)
+        self.history.append(record)
+        self.on_trial(record)
         log.info(
             "trial %2d %-11s AP %.4f (%.1f s)",
             trial.number,
@@ -182,48 +174,118 @@ def run_search(
         )
         return record["cv_average_precision"]
 
+
+def _trials_for(
+    train: pd.DataFrame,
+    cfg: dict[str, Any],
+    defaults: dict[str, dict[str, Any]],
+    seed: int,
+    time_ordered: bool,
+    on_trial: Callable[[dict[str, Any]], None],
+) -> _Trials:
+    families = list(cfg["families"])
+    unknown = [f for f in families if f not in SPACES]
+    if unknown:
+        raise ValueError(f"train.search.families has unknown families {unknown}")
+    sample = search_sample(train, float(cfg["negative_fraction"]), seed)
+    labels = sample[TARGET].to_numpy()
+    return _Trials(
+        sample=sample,
+        labels=labels,
+        weights=population_weights(labels, float(cfg["negative_fraction"])),
+        splitter=folds(int(cfg["folds"]), time_ordered, seed),
+        families=families,
+        defaults=defaults,
+        seed=seed,
+        on_trial=on_trial,
+    )
+
+
+def _optimize(trials: _Trials, cfg: dict[str, Any], seed: int) -> None:
+    """All `cfg['trials']` trials, or SearchCutShort: never a choice from fewer."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
-    _enqueue_defaults(study, families, defaults)
-    study.optimize(objective, n_trials=int(cfg["trials"]), timeout=float(cfg["timeout_seconds"]))
-    if len(history) < int(cfg["trials"]):
+    _enqueue_defaults(study, trials.families, trials.defaults)
+    study.optimize(
+        trials.objective, n_trials=int(cfg["trials"]), timeout=float(cfg["timeout_seconds"])
+    )
+    if len(trials.history) < int(cfg["trials"]):
         raise SearchCutShort(
             f"the search reached train.search.timeout_seconds ({cfg['timeout_seconds']} s) "
-            f"after {len(history)} of {cfg['trials']} trials; a choice from the finished "
-            "trials would depend on this machine's speed: raise the cap or lower "
+            f"after {len(trials.history)} of {cfg['trials']} trials; a choice from the "
+            "finished trials would depend on this machine's speed: raise the cap or lower "
             "train.search.trials"
         )
 
+
+def _best_per_family(history: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each family's best trial record; the first of equal scores wins, so ties are
+    deterministic."""
     best: dict[str, dict[str, Any]] = {}
-    for record in history:  # first best wins ties: deterministic
+    for record in history:
         held = best.get(record["family"])
         if held is None or record["cv_average_precision"] > held["cv_average_precision"]:
             best[record["family"]] = record
+    return best
+
+
+def _choose_members(
+    best: dict[str, dict[str, Any]], trials: _Trials, cfg: dict[str, Any]
+) -> tuple[list[dict[str, Any]], float]:
+    """The best family, or the average of the two best when it gains enough, and its CV AP."""
     ranked = sorted(best.values(), key=lambda r: -r["cv_average_precision"])
     top = ranked[0]
     members = [{"family": top["family"], "params": top["params"]}]
     score = top["cv_average_precision"]
-    if cfg["average_top_two"] and len(ranked) > 1:
-        second = ranked[1]
-        averaged = [
-            weighted_ap(rows, (scores + fold_predictions[second["trial"]][i][1]) / 2)
-            for i, (rows, scores) in enumerate(fold_predictions[top["trial"]])
-        ]
-        log.info(
-            "average of %s and %s: AP %.4f",
-            top["family"],
-            second["family"],
-            float(np.mean(averaged)),
-        )
-        # An average costs two fits and two models to serve, and probability-only models
-        # calibrate with isotonic steps: keep it only for a real gain.
-        if float(np.mean(averaged)) >= score + float(cfg["average_min_gain"]):
-            members.append({"family": second["family"], "params": second["params"]})
-            score = float(np.mean(averaged))
+    if not (cfg["average_top_two"] and len(ranked) > 1):
+        return members, score
+    second = ranked[1]
+    averaged = [
+        trials.weighted_ap(rows, (scores + trials.fold_predictions[second["trial"]][i][1]) / 2)
+        for i, (rows, scores) in enumerate(trials.fold_predictions[top["trial"]])
+    ]
+    log.info(
+        "average of %s and %s: AP %.4f",
+        top["family"],
+        second["family"],
+        float(np.mean(averaged)),
+    )
+    # An average costs two fits and two models to serve: keep it only for a real gain.
+    # Calibration is no reason against it: a soft vote has no decision_function, so
+    # `auto` gives it Platt on logit(predict_proba), monotone like every other family's.
+    if float(np.mean(averaged)) >= score + float(cfg["average_min_gain"]):
+        members.append({"family": second["family"], "params": second["params"]})
+        score = float(np.mean(averaged))
+    return members, score
+
+
+def run_search(
+    train: pd.DataFrame,
+    cfg: dict[str, Any],
+    defaults: dict[str, dict[str, Any]],
+    seed: int,
+    time_ordered: bool,
+    on_trial: Callable[[dict[str, Any]], None] = lambda _: None,
+) -> SearchResult:
+    """Search `cfg['families']` on `train` and return the best configuration found."""
+    trials = _trials_for(train, cfg, defaults, seed, time_ordered, on_trial)
+    log.info(
+        "searching %s: %d trials (cap %s s) on %d rows (%d frauds), %d %s folds",
+        ", ".join(trials.families),
+        int(cfg["trials"]),
+        cfg["timeout_seconds"],
+        len(trials.sample),
+        int(trials.labels.sum()),
+        int(cfg["folds"]),
+        "forward-chaining" if time_ordered else "stratified",
+    )
+    _optimize(trials, cfg, seed)
+    best = _best_per_family(trials.history)
+    members, score = _choose_members(best, trials, cfg)
     return SearchResult(
         members=members,
         cv_average_precision=score,
         best_by_family={f: r["cv_average_precision"] for f, r in best.items()},
-        trials=len(history),
-        history=history,
+        trials=len(trials.history),
+        history=trials.history,
     )
