@@ -24,9 +24,8 @@ from pathlib import Path
 
 import psycopg2
 
-from monitoring.stack import stop_tracked
 from stages.lib.environment import TELEMETRY_OFF
-from stages.lib.servers import BIN, start_server
+from stages.lib.servers import BIN, alive, start_server, stop_tracked
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -131,7 +130,7 @@ def up(artifacts: str) -> None:
         postgres.start()
     postgres.ensure_database()
     pid_file = RUN / "mlflow.pid"  # `make down` stops every process with a pid file here
-    if pid_file.exists() and Path(f"/proc/{pid_file.read_text().strip()}").exists():
+    if pid_file.exists() and alive(int(pid_file.read_text())):
         print(f"mlflow server: already running (pid {pid_file.read_text().strip()})")
     else:
         process = start_mlflow(postgres, artifacts, MLFLOW_PORT, RUN / "mlflow.log")

@@ -10,19 +10,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
-from urllib.error import URLError
-from urllib.request import urlopen
 
 from stages.lib.project import pipeline_path
+from stages.lib.servers import BIN, start_tracked, stop_tracked, wait_until_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ROOT / ".run"
-BIN = Path(sys.executable).parent
 HOST = "127.0.0.1"
 PORTS = {
     "service": int(os.environ.get("PORT", "3000")),
@@ -33,40 +28,15 @@ PORTS = {
 
 
 def _ready(url: str, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return True
-        except (URLError, OSError):
-            time.sleep(0.5)
-    return False
+    try:
+        wait_until_ready(url, timeout=timeout)
+    except TimeoutError:
+        return False
+    return True
 
 
 def _start(name: str, args: list[str], env: dict[str, str] | None = None) -> None:
-    pid_file = RUN / f"{name}.pid"
-    if pid_file.exists() and _alive(int(pid_file.read_text())):
-        print(f"{name}: already running (pid {pid_file.read_text().strip()})")
-        return
-    log = open(RUN / f"{name}.log", "w")
-    process = subprocess.Popen(
-        args,
-        cwd=ROOT,
-        env={**os.environ, **(env or {})},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    pid_file.write_text(str(process.pid))
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except OSError:
-        return False
-    return True
+    start_tracked(name, args, {**os.environ, **(env or {})}, RUN, cwd=ROOT)
 
 
 def prometheus_config(service_port: int, prometheus_port: int) -> str:
@@ -152,22 +122,6 @@ def up() -> None:
     for name, (base, probe) in checks.items():
         state = "up" if _ready(base + probe, 120) else f"NOT ready (see .run/{name}.log)"
         print(f"{name:10s} {base:26s} {state}")
-
-
-def stop_tracked(pid_file: Path) -> None:
-    """Stop the process group whose leader's pid is in `pid_file` (TERM, then KILL after
-    10 s), and remove the file."""
-    pid = int(pid_file.read_text())
-    if _alive(pid):
-        os.killpg(pid, signal.SIGTERM)
-        for _ in range(40):
-            if not _alive(pid):
-                break
-            time.sleep(0.25)
-        else:
-            os.killpg(pid, signal.SIGKILL)
-        print(f"{pid_file.stem}: stopped (pid {pid})")
-    pid_file.unlink()
 
 
 def down() -> None:
