@@ -149,4 +149,4 @@ lock:
 
 # Removes the pipeline's outputs from the workspace (the DVC cache keeps them: `dvc checkout`).
 clean:
-	rm -rf data/prepared data/split plots models/model.pkl models/bento models/champion.json
+	rm -rf $$($(BIN)/python -m stages.lib.project path prepared split plots model oof bento champion)

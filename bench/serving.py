@@ -242,7 +242,7 @@ def main() -> None:
         "FRAUD_MAX_JSON_ROWS": str(max(SIZES)),
     }
     bento = pipeline_path("bento", ROOT)  # the package stage's Bento folder
-    test = pd.read_parquet(ROOT / "data/split/test.parquet").drop(columns="Class")
+    test = pd.read_parquet(pipeline_path("split", ROOT) / "test.parquet").drop(columns="Class")
     frame = pd.concat([test] * (max(SIZES) // len(test) + 1), ignore_index=True).head(max(SIZES))
     runtimes = in_process(load_runtimes(bento, os.cpu_count() or 1), frame)
     served = "onnx" if "onnx" in runtimes else "sklearn"

@@ -14,6 +14,8 @@ import numpy as np
 import pandas as pd
 import requests
 
+from stages.lib.project import pipeline_path
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -22,7 +24,7 @@ def main() -> None:
     parser.add_argument("--url", default="http://127.0.0.1:3000")
     parser.add_argument("--minutes", type=float, default=3.0)
     args = parser.parse_args()
-    rows = pd.read_parquet(ROOT / "data/split/test.parquet").drop(columns="Class")
+    rows = pd.read_parquet(pipeline_path("split", ROOT) / "test.parquet").drop(columns="Class")
     rng = np.random.default_rng(0)
     end = time.monotonic() + args.minutes * 60
     drift_from = time.monotonic() + args.minutes * 60 * 0.7

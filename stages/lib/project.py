@@ -261,3 +261,18 @@ def copy_checkout(source: Path, dest: Path) -> None:
         ],
     ):
         subprocess.run(cmd, cwd=dest, check=True, capture_output=True)
+
+
+def main() -> None:
+    """`python -m stages.lib.project path NAME...`: dvc.yaml's paths, one per line (for
+    the Makefile, so it names no pipeline path itself)."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("command", choices=["path"])
+    parser.add_argument("names", nargs="+")
+    args = parser.parse_args()
+    for name in args.names:
+        print(pipeline_path(name).relative_to(workspace_root()))
+
+
+if __name__ == "__main__":
+    main()
