@@ -202,68 +202,81 @@ def _write_text(spark, uri: str, text: str) -> None:
 def run_job(
     inputs: list[str], out: str, model_uri: str, master: str, conf: dict[str, str], fmt: str
 ) -> dict[str, Any]:
-    from pyspark.sql import functions as F
-    from pyspark.sql.pandas.types import from_arrow_schema, to_arrow_schema
-
-    from batch.worker import output_schema
     from stages.lib.registry import resolve
 
     started = time.monotonic()
     model = resolve(model_uri)
-    contract = model.contract
-    features = contract.feature_names
     log.info("model %s v%d (md5 %s), threshold %.4f", model.name, model.version, model.md5,
-             contract.threshold)  # fmt: skip
+             model.contract.threshold)  # fmt: skip
     spark = spark_session(master, conf)
     spark_start = time.monotonic() - started
     try:
         with tempfile.TemporaryDirectory() as scratch:
             spark.sparkContext.addPyFile(str(code_zip(Path(scratch))))
             spark.sparkContext.addFile(str(model.model_file))
-            frame = read_inputs(spark, inputs, fmt)
-            files = check_inputs(frame, features)
-            log.info("%d %s file(s) to score with Spark %s on %s", len(files), fmt,
-                     spark.version, master)  # fmt: skip
-            schema = output_schema(to_arrow_schema(frame.schema), features)
-            scored = frame.mapInArrow(
-                partial(_on_executor, contract=contract, model_file=model.model_file.name,
-                        md5=model.md5),
-                from_arrow_schema(schema),
-            ).select(
-                "*",
-                F.lit(contract.threshold).alias("threshold"),
-                F.lit(model.name).alias("model_name"),
-                F.lit(str(model.version)).alias("model_version"),
-                F.lit(model.md5).alias("model_md5"),
-            )  # fmt: skip
-            scored = scored.persist()  # scored once, written twice
-            flagged = F.sum(F.col("is_fraud").cast("int")).alias("flagged")
-            counts = (
-                scored.groupBy("batch", "reject_rule")
-                .agg(F.count("*").alias("rows"), flagged)
-                .collect()
-            )
+            scored = score_inputs(spark, model, inputs, fmt).persist()  # written twice
+            counts = _counts(scored)
             log.info("scored in %.1f s; writing", time.monotonic() - started)
-            target = out.rstrip("/")
-            good = F.col("reject_rule").isNull()
-            scored.filter(good).drop(*REJECTS).write.mode("overwrite").partitionBy("batch").parquet(
-                f"{target}/scored"
-            )
-            rejected = scored.filter(~good).drop(*SCORES)
-            batches = sorted({row["batch"] for row in counts})
-            with_rejects = {row["batch"] for row in counts if row["reject_rule"] is not None}
-            for batch in batches:
-                if batch not in with_rejects:  # a rerun may have fixed this file
-                    _delete(spark, f"{target}/rejects/batch={batch}")
-            if with_rejects:
-                rejected.write.mode("overwrite").partitionBy("batch").parquet(f"{target}/rejects")
+            write_outputs(spark, scored, counts, out.rstrip("/"))
             scored.unpersist()
-            summary = _summary(counts, model, contract, inputs, master, started)
+            summary = _summary(counts, model, model.contract, inputs, master, started)
             summary["spark_start_seconds"] = round(spark_start, 1)
-            _write_text(spark, f"{target}/_summary.json", json.dumps(summary, indent=2) + "\n")
+            _write_text(
+                spark, f"{out.rstrip('/')}/_summary.json", json.dumps(summary, indent=2) + "\n"
+            )
             return summary
     finally:
         spark.stop()
+
+
+def score_inputs(spark: Any, model: Any, inputs: list[str], fmt: str) -> Any:
+    """The input files as one Spark DataFrame, scored on the executors, with the model's
+    identity on every row (lazy: nothing runs until it is written or counted)."""
+    from pyspark.sql import functions as F
+    from pyspark.sql.pandas.types import from_arrow_schema, to_arrow_schema
+
+    from batch.worker import output_schema
+
+    features = model.contract.feature_names
+    frame = read_inputs(spark, inputs, fmt)
+    files = check_inputs(frame, features)
+    log.info("%d %s file(s) to score with Spark %s on %s", len(files), fmt, spark.version,
+             spark.sparkContext.master)  # fmt: skip
+    schema = output_schema(to_arrow_schema(frame.schema), features)
+    on_executor = partial(_on_executor, contract=model.contract,
+                          model_file=model.model_file.name, md5=model.md5)  # fmt: skip
+    return frame.mapInArrow(on_executor, from_arrow_schema(schema)).select(
+        "*",
+        F.lit(model.contract.threshold).alias("threshold"),
+        F.lit(model.name).alias("model_name"),
+        F.lit(str(model.version)).alias("model_version"),
+        F.lit(model.md5).alias("model_md5"),
+    )
+
+
+def _counts(scored: Any) -> list[Any]:
+    """Rows and flagged rows per input file and reject rule (None: scored)."""
+    from pyspark.sql import functions as F
+
+    flagged = F.sum(F.col("is_fraud").cast("int")).alias("flagged")
+    return scored.groupBy("batch", "reject_rule").agg(F.count("*").alias("rows"), flagged).collect()
+
+
+def write_outputs(spark: Any, scored: Any, counts: list[Any], target: str) -> None:
+    """Scored rows under scored/, rejected rows under rejects/, one partition per input
+    file; a file that now has no rejects loses its old rejects partition."""
+    from pyspark.sql import functions as F
+
+    good = F.col("reject_rule").isNull()
+    scored.filter(good).drop(*REJECTS).write.mode("overwrite").partitionBy("batch").parquet(
+        f"{target}/scored"
+    )
+    with_rejects = {row["batch"] for row in counts if row["reject_rule"] is not None}
+    for batch in sorted({row["batch"] for row in counts} - with_rejects):
+        _delete(spark, f"{target}/rejects/batch={batch}")  # a rerun may have fixed this file
+    if with_rejects:
+        rejected = scored.filter(~good).drop(*SCORES)
+        rejected.write.mode("overwrite").partitionBy("batch").parquet(f"{target}/rejects")
 
 
 def _summary(

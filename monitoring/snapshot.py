@@ -14,6 +14,7 @@ import math
 import time
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -87,6 +88,48 @@ def _draw_heatmap(ax, series: list[dict]) -> None:
     ax.xaxis_date()
 
 
+def _draw_target(ax: Any, panel: dict, target: dict, series: list[dict]) -> bool:
+    """One query's series on a panel's axes, as the panel's type draws it; False when
+    there was nothing to draw."""
+    if not series:
+        return False
+    if panel["type"] == "heatmap":
+        _draw_heatmap(ax, series)
+        return True
+    if panel["type"] == "table":
+        labels = series[0]["metric"]
+        text = "\n".join(
+            f"{k}: {v}"
+            for k, v in sorted(labels.items())
+            if k not in ("__name__", "job", "instance", "pid")
+        )
+        ax.text(0.01, 0.95, text, va="top", family="monospace", fontsize=9, transform=ax.transAxes)
+        ax.set_axis_off()
+        return True
+    drawn = False
+    for s in series:
+        times = [datetime.fromtimestamp(float(t)) for t, _ in s["values"]]
+        values = np.array([float(v) for _, v in s["values"]])
+        if np.isnan(values).all():  # e.g. a quantile over a window with no requests
+            continue
+        ax.plot(times, values, label=_legend(target["legend"], s["metric"]), lw=1.4)
+        drawn = True
+    return drawn
+
+
+def _finish_axes(ax: Any, panel: dict, drawn: bool, start: float, end: float) -> None:
+    if not drawn:
+        ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="grey")
+    elif panel["type"] == "timeseries":
+        ax.legend(fontsize=7, loc="upper left")
+        ax.set_ylabel(panel["unit"], fontsize=8)
+    if panel["type"] != "table":
+        ax.set_xlim(datetime.fromtimestamp(start), datetime.fromtimestamp(end))
+    ax.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M:%S"))
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+
+
 def render(prometheus: str, minutes: float, out: Path) -> Path:
     end = time.time()
     start = end - minutes * 60
@@ -97,53 +140,12 @@ def render(prometheus: str, minutes: float, out: Path) -> Path:
     fig, axes = plt.subplots(rows, cols, figsize=(16, 3.2 * rows), squeeze=False)
     for ax, panel in zip(axes.flat, panels, strict=False):
         ax.set_title(panel["title"], fontsize=11, loc="left")
-        drawn = False
-        for target in panel["targets"]:
-            series = query_range(prometheus, target["expr"], start, end, step)
-            if not series:
-                continue
-            if panel["type"] == "heatmap":
-                _draw_heatmap(ax, series)
-                drawn = True
-                continue
-            if panel["type"] == "table":
-                labels = series[0]["metric"]
-                text = "\n".join(
-                    f"{k}: {v}"
-                    for k, v in sorted(labels.items())
-                    if k not in ("__name__", "job", "instance", "pid")
-                )
-                ax.text(
-                    0.01,
-                    0.95,
-                    text,
-                    va="top",
-                    family="monospace",
-                    fontsize=9,
-                    transform=ax.transAxes,
-                )
-                ax.set_axis_off()
-                drawn = True
-                continue
-            for s in series:
-                times = [datetime.fromtimestamp(float(t)) for t, _ in s["values"]]
-                values = np.array([float(v) for _, v in s["values"]])
-                if np.isnan(values).all():  # e.g. a quantile over a window with no requests
-                    continue
-                ax.plot(times, values, label=_legend(target["legend"], s["metric"]), lw=1.4)
-                drawn = True
-        if not drawn:
-            ax.text(
-                0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="grey"
-            )
-        elif panel["type"] == "timeseries":
-            ax.legend(fontsize=7, loc="upper left")
-            ax.set_ylabel(panel["unit"], fontsize=8)
-        if panel["type"] != "table":
-            ax.set_xlim(datetime.fromtimestamp(start), datetime.fromtimestamp(end))
-        ax.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M:%S"))
-        ax.tick_params(labelsize=7)
-        ax.grid(alpha=0.3)
+        fetched = [
+            (target, query_range(prometheus, target["expr"], start, end, step))
+            for target in panel["targets"]
+        ]
+        drawn = any([_draw_target(ax, panel, target, series) for target, series in fetched])
+        _finish_axes(ax, panel, drawn, start, end)
     for ax in list(axes.flat)[len(panels) :]:
         ax.set_axis_off()
     fig.suptitle(

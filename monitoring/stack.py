@@ -72,56 +72,51 @@ def up() -> None:
         "service", [bentoml, "serve", str(bento), "--host", HOST, "--port", str(PORTS["service"])]
     )
     service = f"http://{HOST}:{PORTS['service']}"
-
-    prometheus = shutil.which("prometheus")
-    if prometheus:
-        config = RUN / "prometheus.yml"
-        config.write_text(prometheus_config(PORTS["service"], PORTS["prometheus"]))
-        _start(
-            "prometheus",
-            prometheus_command(
-                prometheus, config, HOST, PORTS["prometheus"], RUN / "prometheus-data"
-            ),
-        )
-    else:
-        print("prometheus: not found; `apt-get install -y prometheus` (Debian) to get it")
-
+    checks = {"service": (service, "/readyz")}
+    if _start_prometheus():
+        checks["prometheus"] = (f"http://{HOST}:{PORTS['prometheus']}", "/-/ready")
     if (ROOT / "ui" / "app.py").exists():
-        _start(
-            "ui",
-            ui_command(HOST, PORTS["ui"]),
-            env={"FRAUD_SERVICE_URL": service},
-        )
+        _start("ui", ui_command(HOST, PORTS["ui"]), env={"FRAUD_SERVICE_URL": service})
+        checks["ui"] = (f"http://{HOST}:{PORTS['ui']}", "/_stcore/health")
+    _start_grafana()
+    for name, (base, probe) in checks.items():
+        state = "up" if _ready(base + probe, 120) else f"NOT ready (see .run/{name}.log)"
+        print(f"{name:10s} {base:26s} {state}")
 
+
+def _start_prometheus() -> bool:
+    prometheus = shutil.which("prometheus")
+    if not prometheus:
+        print("prometheus: not found; `apt-get install -y prometheus` (Debian) to get it")
+        return False
+    config = RUN / "prometheus.yml"
+    config.write_text(prometheus_config(PORTS["service"], PORTS["prometheus"]))
+    tsdb = RUN / "prometheus-data"
+    _start("prometheus", prometheus_command(prometheus, config, HOST, PORTS["prometheus"], tsdb))
+    return True
+
+
+def _start_grafana() -> None:
     grafana = shutil.which("grafana") or shutil.which("grafana-server")
-    if grafana:
-        args = [grafana, "server"] if grafana.endswith("/grafana") else [grafana]
-        _start(
-            "grafana",
-            args,
-            env={
-                "GF_SERVER_HTTP_ADDR": HOST,
-                "GF_SERVER_HTTP_PORT": str(PORTS["grafana"]),
-                "GF_PATHS_PROVISIONING": str(ROOT / "monitoring" / "grafana" / "provisioning"),
-                "GF_PATHS_DATA": str(RUN / "grafana-data"),
-                "FRAUDOPS_DASHBOARDS_DIR": str(ROOT / "monitoring" / "grafana" / "dashboards"),
-                "GF_ANALYTICS_REPORTING_ENABLED": "false",
-            },
-        )
-    else:
+    if not grafana:
         print(
             "grafana: not on the PATH; install Grafana (grafana.com/grafana/download) and "
             "run `make up` again, or use docker-compose.yml. Provisioning: monitoring/grafana/"
         )
-
-    checks = {"service": (service, "/readyz")}
-    if prometheus:
-        checks["prometheus"] = (f"http://{HOST}:{PORTS['prometheus']}", "/-/ready")
-    if (RUN / "ui.pid").exists():
-        checks["ui"] = (f"http://{HOST}:{PORTS['ui']}", "/_stcore/health")
-    for name, (base, probe) in checks.items():
-        state = "up" if _ready(base + probe, 120) else f"NOT ready (see .run/{name}.log)"
-        print(f"{name:10s} {base:26s} {state}")
+        return
+    args = [grafana, "server"] if grafana.endswith("/grafana") else [grafana]
+    _start(
+        "grafana",
+        args,
+        env={
+            "GF_SERVER_HTTP_ADDR": HOST,
+            "GF_SERVER_HTTP_PORT": str(PORTS["grafana"]),
+            "GF_PATHS_PROVISIONING": str(ROOT / "monitoring" / "grafana" / "provisioning"),
+            "GF_PATHS_DATA": str(RUN / "grafana-data"),
+            "FRAUDOPS_DASHBOARDS_DIR": str(ROOT / "monitoring" / "grafana" / "dashboards"),
+            "GF_ANALYTICS_REPORTING_ENABLED": "false",
+        },
+    )
 
 
 def down() -> None:

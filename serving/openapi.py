@@ -78,6 +78,19 @@ def describe(spec: dict[str, Any], contract: Contract, settings: Settings) -> di
     spec = json.loads(json.dumps(spec))  # a copy
     spec.setdefault("components", {}).setdefault("schemas", {})["Error"] = ERROR
     predict = spec["paths"]["/predict"]["post"]
+    upload = spec["paths"]["/predict_file"]["post"]
+    _describe_predict(predict, contract, settings)
+    _describe_upload(upload, settings)
+    for operation, extra in ((predict, {}), (upload, {"503": "the file scorer restarted"})):
+        _describe_statuses(operation, extra, settings)
+    if settings.api_key is not None:
+        spec["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        for operation in (predict, upload):
+            operation["security"] = [{"bearer": []}]
+    return spec
+
+
+def _describe_predict(predict: dict[str, Any], contract: Contract, settings: Settings) -> None:
     predict["requestBody"]["required"] = True
     predict["requestBody"]["content"]["application/json"]["schema"] = {
         "type": "object",
@@ -112,7 +125,9 @@ def describe(spec: dict[str, Any], contract: Contract, settings: Settings) -> di
             "lineage": {"type": "object"},
         },
     }  # fmt: skip
-    upload = spec["paths"]["/predict_file"]["post"]
+
+
+def _describe_upload(upload: dict[str, Any], settings: Settings) -> None:
     form = upload["requestBody"]["content"]["multipart/form-data"]
     form["schema"]["properties"]["output_format"] = {"type": "string", "enum": ["csv", "parquet"],
                                                      "default": "csv"}  # fmt: skip
@@ -126,22 +141,21 @@ def describe(spec: dict[str, Any], contract: Contract, settings: Settings) -> di
     upload["responses"]["200"]["content"]["application/vnd.apache.parquet"] = {
         "schema": {"type": "string", "format": "binary"}
     }
-    for operation, extra in ((predict, {}), (upload, {"503": "the file scorer restarted"})):
-        responses = operation["responses"]
-        for status in ("404", "500"):  # never for these routes: no 500 is a promise
-            responses.pop(status, None)
-        for status, description in {**STATUSES, **extra}.items():
-            if status == "401" and settings.api_key is None:
-                continue
-            responses[status] = {
-                "description": description,
-                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
-            }
-    if settings.api_key is not None:
-        spec["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
-        for operation in (predict, upload):
-            operation["security"] = [{"bearer": []}]
-    return spec
+
+
+def _describe_statuses(
+    operation: dict[str, Any], extra: dict[str, str], settings: Settings
+) -> None:
+    responses = operation["responses"]
+    for status in ("404", "500"):  # never for these routes: no 500 is a promise
+        responses.pop(status, None)
+    for status, description in {**STATUSES, **extra}.items():
+        if status == "401" and settings.api_key is None:
+            continue
+        responses[status] = {
+            "description": description,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+        }
 
 
 class PublishedSchema:

@@ -80,6 +80,34 @@ def _schema_rules(columns: tuple[str, ...]) -> InputSchema:
     )
 
 
+def _binary_labels(labels: np.ndarray) -> np.ndarray:
+    """The labels as int 0/1, or DataValidationError: other values, or one class only."""
+    not_binary = ~np.isin(labels, (0.0, 1.0))
+    if not_binary.any():
+        raise DataValidationError("binary-label", "Class must be 0 or 1", TARGET, _rows(not_binary))
+    if len(np.unique(labels)) < 2:
+        raise DataValidationError(
+            "both-classes", "needs both frauds (1) and non-frauds (0)", TARGET
+        )
+    return labels.astype("int64")
+
+
+def _apply_duplicates_policy(frame: pd.DataFrame, policy: str) -> tuple[pd.DataFrame, int]:
+    """The frame under data.duplicates (keep, drop, or fail), and how many exact
+    duplicate rows it had."""
+    duplicated = frame.duplicated().to_numpy()
+    n_duplicates = int(duplicated.sum())
+    if n_duplicates and policy == "fail":
+        raise DataValidationError(
+            "duplicates",
+            f"{n_duplicates} exact duplicate rows (policy data.duplicates=fail)",
+            rows=_rows(duplicated),
+        )
+    if n_duplicates and policy == "drop":
+        frame = frame.loc[~duplicated].reset_index(drop=True)
+    return frame, n_duplicates
+
+
 def validate(
     frame: pd.DataFrame, duplicates: str = "drop", require_target: bool = True
 ) -> tuple[pd.DataFrame, ValidationReport]:
@@ -111,28 +139,8 @@ def validate(
         raise DataValidationError(body["rule"], body["error"], body.get("column"), rows) from None
 
     if require_target:
-        labels = out[TARGET].to_numpy()
-        not_binary = ~np.isin(labels, (0.0, 1.0))
-        if not_binary.any():
-            raise DataValidationError(
-                "binary-label", "Class must be 0 or 1", TARGET, _rows(not_binary)
-            )
-        out[TARGET] = labels.astype("int64")
-        if out[TARGET].nunique() < 2:
-            raise DataValidationError(
-                "both-classes", "needs both frauds (1) and non-frauds (0)", TARGET
-            )
-
-    duplicated = out.duplicated().to_numpy()
-    n_duplicates = int(duplicated.sum())
-    if n_duplicates and duplicates == "fail":
-        raise DataValidationError(
-            "duplicates",
-            f"{n_duplicates} exact duplicate rows (policy data.duplicates=fail)",
-            rows=_rows(duplicated),
-        )
-    if n_duplicates and duplicates == "drop":
-        out = out.loc[~duplicated].reset_index(drop=True)
+        out[TARGET] = _binary_labels(out[TARGET].to_numpy())
+    out, n_duplicates = _apply_duplicates_policy(out, duplicates)
     report = ValidationReport(
         rows_in=len(frame),
         rows_out=len(out),
