@@ -1,0 +1,61 @@
+"""One installable project, one place for each fact: checked over the repository's own
+Python files (git ls-files), so a new sys.path edit or a second copy fails here."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+THIS = Path(__file__).resolve().relative_to(ROOT).as_posix()
+
+
+def python_files() -> dict[str, str]:
+    names = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "*.py"],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    ).stdout.split()  # fmt: skip
+    return {n: (ROOT / n).read_text() for n in names if n != THIS and (ROOT / n).is_file()}
+
+
+def where(pattern: str) -> list[str]:
+    found = re.compile(pattern)
+    return sorted(name for name, text in python_files().items() if found.search(text))
+
+
+def test_no_sys_path_edit_or_path_based_import() -> None:
+    assert where(r"sys\.path\b") == []
+    assert where(r"spec_from_file_location|SourceFileLoader|imp\.load_source") == []
+
+
+@pytest.mark.parametrize(
+    ("pattern", "home"),
+    [
+        (r"InferenceSession\(", ["serving/runtime.py"]),  # the one ONNX session factory
+        (r'"DVC_NO_ANALYTICS"|"MLFLOW_DISABLE_TELEMETRY"', ["stages/lib/environment.py"]),
+        (r"class \w+\(BaseSettings\)", ["serving/settings.py"]),
+        (r"\(0\.0, 1e-4, 3e-4", ["serving/contract.py"]),  # the score's bins
+        (r"CONTRACT_VERSION = ", ["serving/contract.py"]),
+        (r"os\.killpg\(", ["stages/lib/servers.py"]),  # one start/wait/stop helper
+    ],
+)
+def test_one_place_for_each_fact(pattern: str, home: list[str]) -> None:
+    product = [n for n in where(pattern) if not n.startswith("tests/")]
+    assert product == home
+
+
+def test_every_folder_of_code_is_a_package() -> None:
+    for folder in (
+        "stages",
+        "stages/lib",
+        "serving",
+        "batch",
+        "monitoring",
+        "deploy",
+        "ui",
+        "bench",
+    ):
+        assert (ROOT / folder / "__init__.py").is_file(), folder
