@@ -84,7 +84,7 @@ test: setup system-deps
 	$(RUN) $(BIN)/python -m pytest -q
 
 # The reliability suite at full size: schemathesis with >= 2,000 cases, a 2-minute soak,
-# the attacks and faults of issue 11; figures in bench/results/reliability.md.
+# the attacks and faults of issue 11; figures in docs/benchmarks/reliability.md.
 test-reliability: setup
 	rm -f bench/results/reliability.json
 	FRAUD_FUZZ_EXAMPLES=1000 FRAUD_SOAK_SECONDS=120 \
@@ -106,7 +106,7 @@ bench-serving: setup
 	@test -f "$(BENTO_DIR)/bento.yaml" || $(MAKE) pipeline
 	$(RUN) $(BIN)/python -m bench.serving
 
-# Share pipeline outputs through the DVC remote (.dvc/config; see README "Sharing artifacts").
+# Share pipeline outputs through the DVC remote (.dvc/config; see docs/pipeline.md "Sharing artifacts").
 push: setup
 	$(RUN) $(BIN)/dvc push
 
@@ -114,14 +114,14 @@ pull: setup
 	$(RUN) $(BIN)/dvc pull
 
 # Model quality on the real first day (../shared/, skipped when absent) and the synthetic data.
-# Spark local, pandas and the service on the same 1M rows: bench/results/scale.md.
+# Spark local, pandas and the service on the same 1M rows: docs/benchmarks/scale.md.
 bench-scale: setup
 	$(RUN) $(BIN)/python -m bench.scale
 
 bench-model: setup
 	$(RUN) $(BIN)/python -m bench.model
 
-# Do the families rank on the synthetic default as on the real first day? bench/results/ranking.md.
+# Do the families rank on the synthetic default as on the real first day? docs/benchmarks/ranking.md.
 bench-ranking: setup
 	$(RUN) $(BIN)/python -m bench.ranking
 

@@ -7,7 +7,8 @@ split; the search on the train split (params.yaml's train.search); every model r
 on train + valid with out-of-fold calibration; threshold from the out-of-fold scores;
 metrics on the untouched test split.
 
-Writes bench/results/model.md and model.json.
+Writes the table into docs/benchmarks/model.md and the figures into
+bench/results/model.json (both into --output instead when it is given, e.g. for one part).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 REAL_DAY1 = ROOT.parent / "shared" / "data" / "ulb_day1.parquet"
 RESULTS = ROOT / "bench" / "results"
+DOC = ROOT / "docs" / "benchmarks" / "model.md"  # the table's one place
 
 
 def evaluate(members: list[dict], train, valid, test, params, time_ordered) -> dict:
@@ -85,6 +87,29 @@ def bench_one(name: str, frame: pd.DataFrame, strategy: str, params: dict) -> li
     return out
 
 
+def render(results: list[dict]) -> str:
+    """docs/benchmarks/model.md from what main() measured (bench/results/model.json)."""
+    lines = [
+        "<!-- Written by `make bench-model` (bench/model.py); figures in "
+        "bench/results/model.json. Rerun the benchmark instead of editing. -->",
+        "# Model benchmark: latest run",
+        "",
+        "Protocol and reading: [benchmarks](../benchmarks.md#model).",
+        "",
+        "| data | split | model | test AP | ROC AUC | recall@1%FPR | expected cost (EUR) "
+        "| CV AP (search) | fit+search s |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        cv = "" if r["cv_ap"] is None else f"{r['cv_ap']:.3f}"
+        lines.append(
+            f"| {r['data']} | {r['split']} | {r['model']} | {r['average_precision']:.3f} "
+            f"| {r['roc_auc']:.3f} | {r['recall_at_1pct_fpr']:.3f} | {r['expected_cost']:,.0f} "
+            f"| {cv} | {r['seconds']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", choices=("real", "synthetic"), nargs="+",
@@ -92,7 +117,7 @@ def main() -> None:
     parser.add_argument("--split", choices=("time", "stratified"), nargs="+",
                         default=["time", "stratified"])  # fmt: skip
     parser.add_argument("--output", type=Path, default=RESULTS,
-                        help="directory for model.md and model.json")  # fmt: skip
+                        help="folder for model.json (and model.md unless default)")  # fmt: skip
     args = parser.parse_args()
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     datasets = {}
@@ -111,20 +136,9 @@ def main() -> None:
     output = args.output
     output.mkdir(parents=True, exist_ok=True)
     (output / "model.json").write_text(json.dumps(results, indent=2) + "\n")
-    lines = [
-        "| data | split | model | test AP | ROC AUC | recall@1%FPR | expected cost (EUR) "
-        "| CV AP (search) | fit+search s |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in results:
-        cv = "" if r["cv_ap"] is None else f"{r['cv_ap']:.3f}"
-        lines.append(
-            f"| {r['data']} | {r['split']} | {r['model']} | {r['average_precision']:.3f} "
-            f"| {r['roc_auc']:.3f} | {r['recall_at_1pct_fpr']:.3f} | {r['expected_cost']:,.0f} "
-            f"| {cv} | {r['seconds']:.0f} |"
-        )
-    (output / "model.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    doc = DOC if output.resolve() == RESULTS else output / DOC.name  # a part stays out of the docs
+    doc.write_text(render(results))
+    print(render(results))
     ranks = {}
     for r in results:
         if "(defaults)" in r["model"] and r["split"] == "time":

@@ -8,7 +8,8 @@ default drawn with several seeds, by two protocols:
   with a stratified-bootstrap 95% interval (one window: 35 frauds on the real day);
 - `rolling`: forward-chaining folds (stages/lib/family_ranking.py), mean AP of the blocks.
 
-Writes bench/results/ranking.md and ranking.json.
+Writes the table into docs/benchmarks/ranking.md and the figures into
+bench/results/ranking.json (both into --output instead when it is given).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 REAL_DAY1 = ROOT.parent / "shared" / "data" / "ulb_day1.parquet"
 RESULTS = ROOT / "bench" / "results"
+DOC = ROOT / "docs" / "benchmarks" / "ranking.md"  # the table's one place
 FAMILIES = ("hgb", "extra_trees", "logreg")
 # Forests on both cores: the pipeline keeps one thread for bit-identical outputs, which
 # moves an AP in the last digits only.
@@ -91,7 +93,7 @@ def _split_real(rows: list[dict]) -> tuple[dict | None, list[dict]]:
 
 
 def table(rows: list[dict]) -> list[str]:
-    """One line per dataset (the README's table): time-split AP with its bootstrap
+    """One line per dataset (docs/benchmarks/ranking.md): time-split AP with its bootstrap
     interval, rolling mean AP, rolling order; then the mean over the synthetic seeds."""
     lines = [
         "| data | test frauds | split hgb | split extra_trees | split logreg "
@@ -146,6 +148,19 @@ def verdict(rows: list[dict]) -> list[str]:
     return out
 
 
+def render(rows: list[dict]) -> str:
+    """docs/benchmarks/ranking.md from what main() measured (bench/results/ranking.json)."""
+    head = [
+        "<!-- Written by `make bench-ranking` (bench/ranking.py); figures in "
+        "bench/results/ranking.json. Rerun the benchmark instead of editing. -->",
+        "# Family ranking benchmark: latest run",
+        "",
+        "Protocols and reading: [benchmarks](../benchmarks.md#family-ranking).",
+        "",
+    ]
+    return "\n".join(head + table(rows) + [""] + verdict(rows)) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", default="42,7,11,3,5", help="synthetic generator seeds")
@@ -165,9 +180,9 @@ def main() -> None:
         )
     args.output.mkdir(parents=True, exist_ok=True)
     (args.output / "ranking.json").write_text(json.dumps(rows, indent=2) + "\n")
-    lines = table(rows) + [""] + verdict(rows)
-    (args.output / "ranking.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    doc = DOC if args.output.resolve() == RESULTS else args.output / DOC.name
+    doc.write_text(render(rows))
+    print(render(rows))
 
 
 if __name__ == "__main__":

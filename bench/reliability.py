@@ -1,5 +1,5 @@
 """Renders what `make test-reliability` measured (bench/results/reliability.json, written
-by the reliability tests) as bench/results/reliability.md."""
+by the reliability tests) as the table in docs/benchmarks/reliability.md."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "reliability.md"
 
 
 def _statuses(counts: dict[str, int]) -> str:
@@ -14,8 +15,19 @@ def _statuses(counts: dict[str, int]) -> str:
 
 
 def main() -> None:
-    runs = json.loads((RESULTS / "reliability.json").read_text())
-    lines = ["Reliability suite at full size (`make test-reliability`), one run on 2 cores.", "",
+    text = render(json.loads((RESULTS / "reliability.json").read_text()))
+    DOC.write_text(text)
+    print(text, end="")
+
+
+def render(runs: dict) -> str:
+    """docs/benchmarks/reliability.md from bench/results/reliability.json."""
+    lines = ["<!-- Written by `make test-reliability` (bench/reliability.py); figures in "
+             "bench/results/reliability.json. Rerun the suite instead of editing. -->",
+             "# Reliability suite: latest full run", "",
+             "What each check does: [reliability](../reliability.md#the-reliability-suite).",
+             "", "Reliability suite at full size (`make test-reliability`), one run on 2 cores.",
+             "",
              "| check | measured | goal |", "|---|---|---|"]  # fmt: skip
     fuzz = runs.get("test_schema_driven_fuzzing_finds_nothing")
     if fuzz:
@@ -48,8 +60,7 @@ def main() -> None:
                      f"{soak['rss_end_mb']} MB ({soak['rss_growth']:+.1%}); rows scored "
                      f"{soak['rows_scored']:,} = counter {soak['counter_delta']:,.0f} | RSS "
                      "growth < 10%, counters exact |")  # fmt: skip
-    (RESULTS / "reliability.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

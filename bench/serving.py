@@ -9,7 +9,8 @@
 3. Single rows again with a CPU hog (one busy process per core) beside the service, and
    while two clients post 100k-row Parquet files back to back.
 
-Writes bench/results/serving.md and .json.
+Writes the tables into docs/benchmarks/serving.md and the figures into
+bench/results/serving.json.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from stages.lib.servers import BIN, free_port, start_bento, start_server, stop
 ROOT = Path(__file__).resolve().parents[1]
 
 RESULTS = ROOT / "bench" / "results"
+DOC = ROOT / "docs" / "benchmarks" / "serving.md"  # the tables' one place
 SIZES = (1, 100, 10_000, 100_000)
 CONCURRENCY = (1, 8)
 SINGLE_ROW_CONCURRENCY = (1, 8, 32)
@@ -292,19 +294,38 @@ def main() -> None:
                     )
     finally:
         stop(process)
-    write_report(runtimes, single, results, served, files)
+    write_report(runtimes, single, results, files)
 
 
-def write_report(runtimes: dict, single: list[dict], results: list[dict], served: str,
+def write_report(runtimes: dict, single: list[dict], results: list[dict],
                  files: dict) -> None:  # fmt: skip
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    report = {"in_process": runtimes, "single_row": single, "batches": results,
+              "files_while_single_rows": files}  # fmt: skip
+    (RESULTS / "serving.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    report = json.loads((RESULTS / "serving.json").read_text())  # render what is kept
+    DOC.write_text(render(report))
+    print(render(report))
+
+
+def render(report: dict) -> str:
+    """docs/benchmarks/serving.md from what main() measured (bench/results/serving.json)."""
+    runtimes, single = report["in_process"], report["single_row"]
+    results, files = report["batches"], report["files_while_single_rows"]
+    served = "onnx" if "onnx" in runtimes else "sklearn"
     cores = os.cpu_count()
-    lines = [f"Serving benchmark, one run on {cores} cores (`make bench-serving`).", "",
+    lines = ["<!-- Written by `make bench-serving` (bench/serving.py); figures in "
+             "bench/results/serving.json. Rerun the benchmark instead of editing. -->",
+             "# Serving benchmark: latest run", "",
+             "What each case measures, and the goals: "
+             "[benchmarks](../benchmarks.md#serving).", "",
+             f"Serving benchmark, one run on {cores} cores (`make bench-serving`).", "",
              "In-process model time per runtime (the Bento's own model files):", "",
              "| runtime | 1 row p50 ms | 1 row p99 ms | "
              + " | ".join(f"{n:,} rows/s" for n in SIZES) + " |",
              "|---|---:|---:|" + "---:|" * len(SIZES)]  # fmt: skip
     for name, r in runtimes.items():
-        rates = " | ".join(f"{r['rows_per_s'][n]:,.0f}" for n in SIZES)
+        rates = " | ".join(f"{r['rows_per_s'][str(n)]:,.0f}" for n in SIZES)
         lines.append(f"| {name} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {rates} |")
     floor = {c["concurrency"]: c["p99_ms"] for c in single if "no-op" in c["case"]}
     client = single[0]["client"] if single else "hey"
@@ -329,12 +350,7 @@ def write_report(runtimes: dict, single: list[dict], results: list[dict], served
             f"{c['rows_per_s']:,.0f} | {c['p50_ms']:.1f} | {c['p95_ms']:.1f} | "
             f"{c['p99_ms']:.1f} | {c['ratio_to_in_process']:.2f} | {c['errors']} |"
         )
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    report = {"in_process": runtimes, "single_row": single, "batches": results,
-              "files_while_single_rows": files}  # fmt: skip
-    (RESULTS / "serving.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    (RESULTS / "serving.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """MLflow's own serving answers like the Bento: the registered version is a pyfunc that
 applies the serving contract the package stage attached to it.
 
-On a small built workspace: real `mlflow models serve` (the README's command) and the
+On a small built workspace: real `mlflow models serve` (docs/scaling-out.md's command) and the
 real `bentoml serve` of the package stage's Bento, both given the team's real-format
 sample; `mlflow.pyfunc.load_model` in-process; and a model folder without its contract
 refused at load.
@@ -47,7 +47,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str
 
 @pytest.fixture(scope="module")
 def mlflow_url(built) -> Iterator[str]:
-    """`mlflow models serve` of the registry's champion, as the README types it."""
+    """`mlflow models serve` of the registry's champion, as docs/scaling-out.md types it."""
     ws, env = built
     port = free_port()
     args = [str(BIN / "mlflow"), "models", "serve", "-m", CHAMPION, "--env-manager", "local",
@@ -193,7 +193,7 @@ def test_a_model_without_its_contract_is_refused(built, tmp_path: Path) -> None:
 def test_spark_udf_scores_like_the_bento(
     built, bento_scores: pd.DataFrame, real_sample: Path
 ) -> None:
-    """The README's spark_udf use: the contract columns as one struct, the three scores
+    """docs/scaling-out.md's spark_udf use: the contract columns as one struct, the three scores
     back as a struct, in Spark local mode (the batch job's own session settings)."""
     import mlflow
     from pyspark.sql import functions as F

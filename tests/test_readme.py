@@ -1,4 +1,4 @@
-"""Every ```bash block of README.md (and docs/*.md) runs as a new user would paste it.
+"""Every ```bash block of README.md (and docs/**/*.md) runs as a new user would paste it.
 
 Each block runs as written in `bash -e`, in a clean environment: HOME a fresh folder, PATH
 /usr/bin:/bin (no activated venv, no .venv/bin), no MLflow or BentoML variables (so the
@@ -7,6 +7,9 @@ itself. The cwd is one small built checkout of the project (tests/conftest.py's 
 config, built with `.venv/bin/dvc repro` in that same environment; its `.venv` links to
 this one's). The blocks run in document order in that checkout, one test each, so later
 blocks see what earlier ones made, as a user's would.
+
+The documents are tests/test_docs.py's: the README, then docs/ and its subfolders in path
+order (docs/benchmarks/ holds the benchmarks' generated tables and no shell blocks).
 
 - A block that names the service's address `127.0.0.1:3000` runs against the checkout's
   `make serve` on a free port: the test starts `make serve HOST=127.0.0.1 PORT=<free>` and
@@ -36,10 +39,11 @@ import pandas as pd
 import pytest
 
 from .conftest import GIT_ID, ROOT, free_port, run, small_checkout, start_server, stop
+from .test_docs import documents
 
 pytestmark = pytest.mark.integration
 
-SERVICE = "127.0.0.1:3000"  # the README's address of `make serve`
+SERVICE = "127.0.0.1:3000"  # the docs' address of `make serve`
 MARKER = re.compile(r"<!--\s*readme-test:\s*(?P<mode>\w+)\s*(?:[—–-]+\s*(?P<reason>.*?))?\s*-->")
 MODES = {"skip", "scratch"}
 FENCE = re.compile(r"^(?P<fence>```+|~~~+)\s*(?P<lang>[\w+-]*)")
@@ -57,10 +61,6 @@ class Block:
     @property
     def id(self) -> str:
         return f"{self.doc}:{self.line}"
-
-
-def documents(root: Path = ROOT) -> list[Path]:
-    return [root / "README.md", *sorted((root / "docs").glob("*.md"))]
 
 
 def shell_blocks(path: Path, root: Path = ROOT) -> list[Block]:
@@ -237,21 +237,22 @@ def test_block_runs_verbatim(block: Block, project, tmp_path: Path) -> None:
 
 
 def test_checkout_stays_clean(project) -> None:
-    """What the README's commands wrote (stores, scored files, inputs) is git-ignored.
+    """What the docs' commands wrote (stores, scored files, inputs) is git-ignored.
     Runs after the blocks (pytest keeps the file's order)."""
     ws, _ = project
     assert git_status(ws) == ""
 
 
 def test_serve_commands_in_prose(project, tmp_path: Path) -> None:
-    """What the README says `make serve` runs, and every other inline `.venv/bin/bentoml
-    serve` command, serves the Bento from the project root (on main: `bentoml serve
-    models/bento`, which fails with 'Failed to import module')."""
+    """What the docs say `make serve` runs (docs/serving.md), and every other inline
+    `.venv/bin/bentoml serve` command of the README and docs, serves the Bento from the
+    project root (on main: `bentoml serve models/bento`, which fails with 'Failed to import
+    module')."""
     ws, env = project
-    text = " ".join((ROOT / "README.md").read_text().split())  # spans may wrap
-    said = re.search(r"`make serve` runs `([^`]+)`", text)
-    assert said, "README lost the sentence naming what `make serve` runs"
-    commands = {said[1], *re.findall(r"`(\.venv/bin/bentoml serve [^`]+)`", text)}
+    text = " ".join(" ".join(doc.read_text().split()) for doc in documents())  # spans wrap
+    said = re.findall(r"`make serve` runs `([^`]+)`", text)
+    assert said, "the docs lost the sentence naming what `make serve` runs"
+    commands = {*said, *re.findall(r"`(\.venv/bin/bentoml serve [^`]+)`", text)}
     for command in sorted(commands):
         port = free_port()
         process = start_server(

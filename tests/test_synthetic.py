@@ -89,7 +89,7 @@ def test_rejects_bad_arguments() -> None:
 
 def test_families_rank_as_on_the_real_first_day() -> None:
     """Rolling-origin AP ranks the families on a cheap synthetic draw as on the real first
-    day (hgb 0.791 > extra_trees 0.746 > logreg 0.478 there; bench/results/ranking.md).
+    day (hgb 0.791 > extra_trees 0.746 > logreg 0.478 there; docs/benchmarks/ranking.md).
     Smaller ensembles keep it cheap; at this size the gaps measured 0.04-0.06 and 0.2+."""
     frame = generate(n_rows=100_000, seed=42)
     # params.yaml's defaults with smaller ensembles
