@@ -138,7 +138,7 @@ schema_app = Starlette(routes=[Route("/", _schema, methods=["GET"])])
     workers="cpu_count",
     # No BentoML max_concurrency: it takes a slot before the body is read, so eight slow
     # uploads locked scoring out. The gate (gate.py) gives slots once bodies have arrived.
-    # Measured (bench/results/serving.md): a 100k-row CSV takes ~2.5 s alone; 120 s
+    # Measured (docs/benchmarks/serving.md): a 100k-row CSV takes ~2.5 s alone; 120 s
     # covers a 300k-row file behind a queue in the file lane.
     traffic={"timeout": 120},
     http={"host": "127.0.0.1", "port": 3000},
