@@ -19,7 +19,8 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --disable-pip-version-check -q -r requirements.lock
-	$(BIN)/pip install --disable-pip-version-check -q --no-deps -e .
+	@# A .venv linked from another checkout (tests' scratch copies) keeps that checkout's install.
+	test -L $(VENV) || $(BIN)/pip install --disable-pip-version-check -q --no-deps -e .
 	touch $@
 
 # Debian packages the tests drive for real: Prometheus (+ promtool), Chromium and its
