@@ -6,7 +6,8 @@ split thresholds move scores by ~1e-5 and flip rows that sit on a split. This mo
 writes the graph itself with ONNX's `TreeEnsemble` operator (ai.onnx.ml opset 5), which
 takes float64 splits and leaf weights, so the compiled model computes what scikit-learn
 computes up to rounding (~1e-15), and `package` verifies that on every validation and
-test row before it ships it.
+test row before it ships it. The fitted trees are read through treelite's importers,
+which keep them in float64, not from scikit-learn's or LightGBM's private attributes.
 
 It compiles exactly the shapes `stages.lib.modeling` fits: the feature ColumnTransformer
 (periodic hour spline, log1p(Amount), V1..V28, optionally standardised), HGB, LightGBM,
@@ -17,6 +18,7 @@ scikit-learn for it.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -46,6 +48,9 @@ OPSETS = [helper.make_opsetid("", 21), helper.make_opsetid("ai.onnx.ml", 5)]
 DOUBLE = TensorProto.DOUBLE
 # TreeEnsemble (ai.onnx.ml opset 5) attribute codes
 BRANCH_LEQ, AGGREGATE_AVERAGE, AGGREGATE_SUM = 0, 0, 1
+# treelite's codes (include/treelite/enum/): TreeNodeType::kNumericalTestNode,
+# Operator::kLE, TaskType::kBinaryClf and kMultiClf
+TL_NUMERICAL, TL_LEQ, TL_BINARY, TL_MULTICLASS = 1, 3, 0, 2
 # The graph's spline and log(1 + x) features are within a few ulps (~2e-15) of sklearn's,
 # not equal. HGB puts split thresholds on training values (its quantile bins, where
 # values tie), so a row equal to a threshold, which sklearn sends left, could go right.
@@ -263,83 +268,93 @@ def _tree_ensemble(
     return g.op("Add", [flat, g.const(base)]) if base else flat
 
 
-def _hgb_raw(g: _Graph, x: str, clf: HistGradientBoostingClassifier) -> str:
-    """decision_function: baseline + sum of tree values; splits on float64 values."""
-    if clf.n_trees_per_iteration_ != 1 or clf.is_categorical_ is not None:
-        raise NotCompilable("multi-class or categorical HGB")
+def _imported(clf: Any) -> Any:
+    """The fitted trees as a treelite model. Its importers copy scikit-learn's and
+    LightGBM's float64 thresholds and leaf values as fitted (LightGBM's through the model
+    text, written with round-trip precision), so this module reads neither library's
+    private tree attributes. treelite is imported here: only `package` compiles."""
+    import treelite
+
+    if type(clf).__name__ == "LGBMClassifier":
+        # treelite sends a missing value where 0.0 goes unless the split learned a side for
+        # NaN, as LightGBM does; it does not record zero-as-missing (zeros to that side)
+        if clf.booster_.params.get("zero_as_missing"):
+            raise NotCompilable("LightGBM zero_as_missing")
+        return treelite.frontend.from_lightgbm(clf.booster_)
+    return treelite.sklearn.import_model(clf)
+
+
+def _copied(accessor: Any, name: str) -> np.ndarray | str:
+    """A field of a treelite model's header or tree, copied: get_field's array views the
+    model's memory without holding the model, and would dangle once the model is freed."""
+    value = accessor.get_field(name)
+    return value if isinstance(value, str) else np.array(value)
+
+
+def _header(model: Any, task: int, postprocessor: str, classes: int) -> dict[str, Any]:
+    """Checks the imported model is a binary classifier of the expected kind (boosting:
+    one raw score; forest: two class shares per leaf). Returns its averaging and base."""
+    field = partial(_copied, model.get_header_accessor())
+    kind = (int(field("task_type")[0]), field("postprocessor"))
+    shape = (field("num_target").tolist(), field("num_class").tolist())
+    if kind != (task, postprocessor) or shape != ([1], [classes]):
+        raise NotCompilable(f"trees of a {kind[1]} model with {shape[1]} classes")
+    if postprocessor == "sigmoid" and float(field("sigmoid_alpha")[0]) != 1.0:
+        raise NotCompilable("sigmoid with a slope other than 1")
+    return {"average": bool(field("average_tree_output")[0]), "base": field("base_scores")}
+
+
+def _trees(model: Any, leaf_class: int | None = None) -> list[dict[str, np.ndarray]]:
+    """The imported trees as the arrays `_tree_ensemble` takes. A leaf is its scalar value
+    or, with `leaf_class`, that class's entry in its class-share vector (forests)."""
     trees = []
-    for (predictor,) in clf._predictors:
-        nodes = predictor.nodes
-        leaf = nodes["is_leaf"].astype(bool)
+    for index in range(model.num_tree):
+        field = partial(_copied, model.get_tree_accessor(index))
+        left = field("cleft").astype(np.int64)  # -1 at a leaf; node 0 is the root
+        internal = left >= 0
+        numerical = field("node_type")[internal] == TL_NUMERICAL
+        if not (numerical.all() and (field("cmp")[internal] == TL_LEQ).all()):
+            raise NotCompilable("a categorical split or a split other than <=")
+        value = field("leaf_value")
+        if leaf_class is not None:
+            at = np.where(internal, 0, field("leaf_vector_begin").astype(np.int64) + leaf_class)
+            value = np.where(internal, 0.0, field("leaf_vector")[at])
         trees.append(
             {
-                "feature": nodes["feature_idx"],
-                "threshold": nodes["num_threshold"],
-                "left": np.where(leaf, -1, nodes["left"].astype(np.int64)),
-                "right": np.where(leaf, -1, nodes["right"].astype(np.int64)),
-                "value": nodes["value"],
-                "missing_left": nodes["missing_go_to_left"],
+                "feature": field("split_index"),
+                "threshold": field("threshold"),
+                "left": left,
+                "right": field("cright").astype(np.int64),
+                "value": value,
+                "missing_left": field("default_left"),
             }
         )
-    return _tree_ensemble(g, x, trees, AGGREGATE_SUM, float(clf._baseline_prediction.ravel()[0]))
+    return trees
+
+
+def _boosted_raw(g: _Graph, x: str, clf: Any) -> str:
+    """decision_function of HGB or LightGBM: base score + sum of the leaf values (the
+    learning rate is already in them), `<=` on float64 values, missing values to the side
+    the fit chose (LightGBM without NaN-aware splits: the side of 0.0)."""
+    model = _imported(clf)
+    header = _header(model, TL_BINARY, "sigmoid", 1)
+    if header["average"]:  # LightGBM's rf mode: treelite averages, LightGBM 4.7 sums
+        raise NotCompilable("averaged boosted trees")
+    return _tree_ensemble(g, x, _trees(model), AGGREGATE_SUM, float(header["base"][0]))
 
 
 def _forest_proba(g: _Graph, x: str, forest: Any) -> str:
-    """Mean of the trees' leaf fraud shares. scikit-learn trees compare float32 inputs,
-    so the features are rounded to float32 first, as predict_proba does."""
-    trees = []
-    for estimator in forest.estimators_:
-        t = estimator.tree_
-        value = t.value[:, 0, :]
-        trees.append(
-            {
-                "feature": t.feature,
-                "threshold": t.threshold,
-                "left": t.children_left,
-                "right": t.children_right,
-                "value": value[:, 1] / value.sum(axis=1),
-                "missing_left": t.missing_go_to_left,
-            }
-        )
+    """Mean of the trees' leaf fraud shares (treelite divides each leaf's class counts by
+    their sum, as this did). scikit-learn trees compare float32 inputs, so the features
+    are rounded to float32 first, as predict_proba does."""
+    model = _imported(forest)
+    header = _header(model, TL_MULTICLASS, "identity_multiclass", 2)
+    if not header["average"] or np.any(header["base"] != 0.0):
+        raise NotCompilable("a forest that does not average its trees")
+    trees = _trees(model, leaf_class=1)  # predict_proba's column 1: fraud
     as_float32 = g.op("Cast", [g.op("Cast", [x], to=TensorProto.FLOAT)], to=DOUBLE)
     # float32 rounding already absorbs the graph's few-ulp differences: exact thresholds
     return _tree_ensemble(g, as_float32, trees, AGGREGATE_AVERAGE, margin=0.0)
-
-
-def _lightgbm_tree(root: dict) -> dict[str, np.ndarray]:
-    """One tree of LightGBM's dump_model() as arrays (nodes numbered depth-first)."""
-    columns: dict[str, list] = {
-        k: [] for k in ("feature", "threshold", "left", "right", "value", "missing_left")
-    }
-
-    def visit(node: dict) -> int:
-        index = len(columns["feature"])
-        for key, empty in zip(columns, (0, 0.0, -1, -1, 0.0, False), strict=True):
-            columns[key].append(empty)
-        if "leaf_value" in node:
-            columns["value"][index] = node["leaf_value"]
-            return index
-        if node["decision_type"] != "<=" or node["missing_type"] == "Zero":
-            raise NotCompilable(f"LightGBM split {node['decision_type']} {node['missing_type']}")
-        columns["feature"][index] = node["split_feature"]
-        columns["threshold"][index] = node["threshold"]
-        columns["missing_left"][index] = node["default_left"]
-        columns["left"][index] = visit(node["left_child"])
-        columns["right"][index] = visit(node["right_child"])
-        return index
-
-    visit(root)
-    return {k: np.asarray(v) for k, v in columns.items()}
-
-
-def _lightgbm_raw(g: _Graph, x: str, clf: Any) -> str:
-    """Sum of leaf values; LightGBM compares float64 values with `<=` unless a split
-    treats zero as missing or is categorical (then: not compiled)."""
-    dump = clf.booster_.dump_model()
-    if dump.get("num_class", 1) != 1:
-        raise NotCompilable("multi-class LightGBM")
-    trees = [_lightgbm_tree(info["tree_structure"]) for info in dump["tree_info"]]
-    return _tree_ensemble(g, x, trees, AGGREGATE_SUM)
 
 
 def _linear(g: _Graph, x: str, clf: LogisticRegression) -> str:
@@ -358,16 +373,14 @@ def _pipeline_output(g: _Graph, x: str, pipe: Any, want: str) -> str:
         raise NotCompilable(f"model is {type(pipe).__name__}, not a 2-step Pipeline")
     features = _features(g, x, pipe.steps[0][1])
     clf = pipe.steps[1][1]
-    if isinstance(clf, HistGradientBoostingClassifier):
-        raw = _hgb_raw(g, features, clf)
+    if isinstance(clf, HistGradientBoostingClassifier) or type(clf).__name__ == "LGBMClassifier":
+        raw = _boosted_raw(g, features, clf)  # decision_function: the raw margin
     elif isinstance(clf, LogisticRegression):
         raw = _linear(g, features, clf)
     elif isinstance(clf, (ExtraTreesClassifier, RandomForestClassifier)):
         if want == "decision":
             raise NotCompilable("forests have no decision_function")
         return _forest_proba(g, features, clf)
-    elif type(clf).__name__ == "LGBMClassifier":  # decision_function: the raw margin
-        raw = _lightgbm_raw(g, features, clf)
     else:
         raise NotCompilable(f"classifier {type(clf).__name__}")
     return raw if want == "decision" else g.sigmoid(raw)
