@@ -14,7 +14,7 @@ import pytest
 
 from stages.lib.project import file_md5
 
-from .conftest import bento_dir, build_workspace, ran_stages, run, stale_stages
+from ..conftest import bento_dir, build_workspace, ran_stages, run, stale_stages
 
 pytestmark = pytest.mark.integration
 NAME = "fraud-detector"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import ROOT, run, set_params, small_checkout, stale_stages, stores_env
+from ..conftest import ROOT, run, set_params, small_checkout, stale_stages, stores_env
 
 pytestmark = pytest.mark.integration
 

@@ -23,7 +23,7 @@ import requests
 from serving.contract import Contract
 from stages.lib.project import file_md5
 
-from .conftest import (
+from ..conftest import (
     BIN,
     bento_dir,
     build_workspace,

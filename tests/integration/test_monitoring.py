@@ -15,7 +15,7 @@ import requests
 from monitoring.snapshot import panel_queries, render
 from monitoring.stack import prometheus_command, prometheus_config
 
-from .conftest import (
+from ..conftest import (
     ROOT,
     bento_dir,
     build_workspace,

@@ -18,7 +18,7 @@ from serving.contract import Contract
 from stages.lib.modeling import load_model
 from stages.lib.project import file_md5
 
-from .conftest import (
+from ..conftest import (
     bento_dir,
     build_workspace,
     ran_stages,

@@ -35,7 +35,7 @@ from urllib.parse import urlparse
 import pandas as pd
 import pytest
 
-from .conftest import GIT_ID, ROOT, free_port, run, small_checkout, start_server, stop
+from ..conftest import GIT_ID, ROOT, free_port, run, small_checkout, start_server, stop
 
 pytestmark = pytest.mark.integration
 

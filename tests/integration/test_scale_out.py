@@ -23,7 +23,7 @@ import requests
 from deploy.mlflow_server import Postgres, start_mlflow
 from stages.lib.project import file_md5
 
-from .conftest import (
+from ..conftest import (
     bento_dir,
     free_port,
     ran_stages,

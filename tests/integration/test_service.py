@@ -29,7 +29,7 @@ from stages.lib.modeling import load_model
 from stages.lib.project import file_md5
 from stages.lib.servers import BIN, free_port
 
-from .conftest import ROOT, bento_dir, build_workspace, start_bento, stop
+from ..conftest import ROOT, bento_dir, build_workspace, start_bento, stop
 
 pytestmark = pytest.mark.integration
 FORMAT_FIXTURE = ROOT / "tests" / "fixtures" / "creditcard_format.csv"
@@ -456,7 +456,7 @@ def test_kubernetes_manifests_fit_the_served_bento(guarded, built) -> None:
     """deploy/k8s against the real thing: the address comes from BENTOML_HOST (the guarded
     server was started that way, on 127.0.0.2, and nothing answers on 127.0.0.1), the
     probes' paths answer, and the container port is the one the Bento's Dockerfile exposes."""
-    from tests.test_k8s import build, by_kind
+    from tests.unit.test_k8s import build, by_kind
 
     port = int(guarded.rsplit(":", 1)[1])
     with pytest.raises(ConnectionRefusedError), socket.create_connection(("127.0.0.1", port)):

@@ -18,7 +18,7 @@ import yaml
 from stages.lib.modeling import load_model
 from stages.lib.project import copy_checkout, file_md5, pipeline_path
 
-from .conftest import (
+from ..conftest import (
     GIT_ID,
     ROOT,
     bento_dir,

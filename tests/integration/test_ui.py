@@ -20,7 +20,7 @@ from monitoring.stack import ui_command
 from serving.contract import PublishedContract
 from ui import client
 
-from .conftest import (
+from ..conftest import (
     REAL_SAMPLE,
     ROOT,
     bento_dir,

@@ -18,7 +18,7 @@ import yaml
 
 from deploy.k8s import render
 
-from .conftest import ROOT, system_tool
+from ..conftest import ROOT, system_tool
 
 K8S = ROOT / "deploy" / "k8s"
 OVERLAYS = ("dev", "production")

@@ -27,7 +27,7 @@ from stages.lib.project import copy_checkout
 from stages.lib.splitting import SplitError, rows_needed_per_class, split_frame
 from stages.lib.synthetic import generate
 
-from .conftest import ROOT, run, set_params, stores_env
+from ..conftest import ROOT, run, set_params, stores_env
 
 PIPELINE = yaml.safe_load((ROOT / "dvc.yaml").read_text())
 PATHS: dict[str, str] = PIPELINE["vars"][0]["paths"]

@@ -16,7 +16,7 @@ from stages.lib.schema import COLUMNS
 from stages.lib.synthetic import generate
 from stages.lib.validation import DataValidationError, read_table, validate
 
-from .conftest import ROOT
+from ..conftest import ROOT
 
 FORMAT_FIXTURE = ROOT / "tests" / "fixtures" / "creditcard_format.csv"
 
