@@ -3,7 +3,7 @@ built by kustomize, validated against Kubernetes' own schemas (kubernetes-valida
 their wiring (selectors, ports, probes, secrets, alert rules) is checked object by object.
 (`kubectl create --dry-run=client` is no help offline: it asks a server for the API's
 resource list before anything else and fails without one.)
-The probes are also asked of a real served Bento in tests/test_service.py."""
+The probes are also asked of a real served Bento in tests/integration/test_service.py."""
 
 from __future__ import annotations
 
