@@ -20,6 +20,7 @@ import os
 import shutil
 import sqlite3
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -44,6 +45,16 @@ REAL_SAMPLE = SHARED_DATA / "creditcard_sample.csv"
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_client_reset() -> Iterator[None]:
+    """A test that points MLflow's client at a store (mlflow.set_tracking_uri) leaves it
+    pointed nowhere for the next test, whichever that is."""
+    yield
+    mlflow = sys.modules.get("mlflow")
+    if mlflow is not None:
+        mlflow.set_tracking_uri(None)
 
 
 @pytest.fixture(scope="session")
