@@ -116,14 +116,18 @@ class TestLiveStack:
             result = self.query(stack, expr)
             return float(result[0]["value"][1]) if result else -1.0
 
-        assert self.wait_for(lambda: scalar("sum(fraud_rows_scored_total)") == load["rows"])
+        def reaches(expr: str, value: float) -> bool:
+            # Each until the scrapes have caught up with the last request the load sent.
+            return self.wait_for(lambda: scalar(expr) == value)
+
+        assert reaches("sum(fraud_rows_scored_total)", load["rows"])
         ok = 'sum(bentoml_service_request_total{endpoint="/predict", http_response_code="200"})'
-        assert scalar(ok) == load["good_json"]
+        assert reaches(ok, load["good_json"]), scalar(ok)
         for reason, count in load["bad"].items():
             expr = f'sum(fraud_validation_failures_total{{reason="{reason}"}})'
-            assert scalar(expr) == count, reason
+            assert reaches(expr, count), (reason, scalar(expr))
         assert scalar('count(up{job="fraud-scoring"} == 1)') == 1
-        assert scalar("sum(fraud_probability_count)") == load["rows"]
+        assert reaches("sum(fraud_probability_count)", load["rows"])
         served = self.query(stack, "fraud_model_info")[0]["metric"]["model_md5"]
         champion = json.loads((stack["workspace"] / "models/champion.json").read_text())
         assert served == champion["model_md5"]
