@@ -12,7 +12,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 # Written once, in stages/lib/environment.py; read (once, after setup) into every command.
 RUN = env $(eval PROJECT_ENV := $$(shell $(BIN)/python -m stages.lib.environment))$(PROJECT_ENV)
 
-.PHONY: setup system-deps run pipeline serve ui up down snapshot test test-reliability lint bench bench-model bench-ranking bench-serving bench-scale lock clean mlflow-ui push pull k8s-manifests image mlflow-server score
+.PHONY: setup system-deps run pipeline serve ui up down snapshot test test-unit test-reliability lint bench bench-model bench-ranking bench-serving bench-scale lock clean mlflow-ui push pull k8s-manifests image mlflow-server score
 
 setup: $(VENV)/.installed
 
@@ -84,13 +84,18 @@ test: setup system-deps
 	$(BIN)/ruff check .
 	$(RUN) $(BIN)/python -m pytest -q
 
+# The fast tier: pure functions, the service's ASGI pieces in-process, the doctests
+# (tests/unit and the packages; no pipeline run, no server, no model search).
+test-unit: setup
+	$(BIN)/python -m pytest -q --ignore=tests/integration
+
 # The reliability suite at full size: schemathesis with >= 2,000 cases, a 2-minute soak,
 # the attacks and faults of issue 11; figures in docs/benchmarks/reliability.md.
 test-reliability: setup
 	rm -f bench/results/reliability.json
 	FRAUD_FUZZ_EXAMPLES=1000 FRAUD_SOAK_SECONDS=120 \
 	  FRAUD_RELIABILITY_REPORT=$(CURDIR)/bench/results/reliability.json \
-	  $(RUN) $(BIN)/python -m pytest -q -m reliability tests/test_service.py tests/test_serving_validation.py
+	  $(RUN) $(BIN)/python -m pytest -q -m reliability tests/integration/test_service.py tests/unit/test_serving_validation.py
 	$(RUN) $(BIN)/python -m bench.reliability
 
 lint: setup

@@ -1,11 +1,27 @@
-"""Shared helpers: the project root, free loopback ports, and real server processes."""
+"""Shared helpers: the project root, free loopback ports, real server processes, and the
+small built workspace.
+
+Two tiers: tests/unit/ (pure functions and the service's ASGI pieces in-process; `make
+test-unit`) and tests/integration/ (real DVC, MLflow, BentoML, Spark, Prometheus,
+PostgreSQL, browsers, or model fitting; marked `integration` here). The unit tier runs
+first. No test depends on the order: pytest-randomly shuffles it every run.
+
+The integration tier shares one small built workspace per session (`built`: one real
+`dvc repro` of the 30k-row config). A test that only reads it (serves its Bento, asks its
+registry, reads its outputs) takes `built`; a test that changes it (params, code, aliases,
+dvc runs, push) takes `built_copy`, a private copy relocated to its own folder.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,6 +47,16 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 
 
+@pytest.fixture(autouse=True)
+def _mlflow_client_reset() -> Iterator[None]:
+    """A test that points MLflow's client at a store (mlflow.set_tracking_uri) leaves it
+    pointed nowhere for the next test, whichever that is."""
+    yield
+    mlflow = sys.modules.get("mlflow")
+    if mlflow is not None:
+        mlflow.set_tracking_uri(None)
+
+
 @pytest.fixture(scope="session")
 def real_sample() -> Path:
     if not REAL_SAMPLE.is_file():
@@ -38,8 +64,16 @@ def real_sample() -> Path:
     return REAL_SAMPLE
 
 
+INTEGRATION = ROOT / "tests" / "integration"
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    # The slow end-to-end modules run last so quick unit failures show first.
+    # Everything under tests/integration is an integration test, and that tier runs last
+    # so quick unit failures show first (a stable sort: pytest-randomly's order, or the
+    # collected one, stays within each tier).
+    for item in items:
+        if INTEGRATION in Path(item.path).parents and "integration" not in item.keywords:
+            item.add_marker(pytest.mark.integration)
     items.sort(key=lambda item: "integration" in item.keywords)
 
 
@@ -118,6 +152,116 @@ def build_workspace(base: Path) -> tuple[Path, dict[str, str]]:
     ws, env = small_checkout(base)
     run(["dvc", "repro"], ws, env)
     return ws, env
+
+
+SQLITE = b"SQLite format 3\x00"
+
+
+def _relocate_sqlite(path: Path, old: str, new: str) -> None:
+    """Every text value of every column of every table: `old` (a folder, whole path
+    components only) becomes `new`."""
+    db = sqlite3.connect(path)
+    try:
+        with db:
+            tables = [t for (t,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+            for table in tables:
+                for column in [row[1] for row in db.execute(f'PRAGMA table_info("{table}")')]:
+                    c = f'"{column}"'
+                    db.execute(
+                        f'UPDATE "{table}" SET {c} = CASE WHEN {c} = :old THEN :new '
+                        f"ELSE replace({c}, :old || '/', :new || '/') END "
+                        f"WHERE typeof({c}) = 'text' AND ({c} = :old OR instr({c}, :old || '/'))",
+                        {"old": old, "new": new},
+                    )
+    finally:
+        db.close()
+
+
+def sqlite_mentions(path: Path, text: str) -> list[tuple[str, str]]:
+    """(table, column) of every text value in the database that contains `text`."""
+    db = sqlite3.connect(path)
+    try:
+        found = []
+        tables = [t for (t,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        for table in tables:
+            for column in [row[1] for row in db.execute(f'PRAGMA table_info("{table}")')]:
+                query = f'SELECT 1 FROM "{table}" WHERE instr(CAST("{column}" AS TEXT), ?) LIMIT 1'
+                if db.execute(query, (text,)).fetchone():
+                    found.append((table, column))
+        return found
+    finally:
+        db.close()
+
+
+def relocate(base: Path, old: Path) -> None:
+    """Make a copied workspace folder `base` (once at `old`) point only at itself.
+
+    MLflow's SQLite store holds absolute paths into the folder it was built in (artifact
+    locations of experiments, runs, logged models and model versions; source-file tags),
+    and so do the MLmodel files of the logged models: rewritten, in every text column of
+    every table. DVC keeps none that matter (its state is keyed by inode: a copy is
+    rehashed), nor do git and the BentoML home; any other file that names `old` stops the
+    copy, since a copy that still wrote into the original would make tests depend on
+    each other.
+    """
+    old_s, new_s = str(old), str(base)
+    needle = old_s.encode()
+    for path in base.rglob("*"):
+        if path.is_symlink() or not path.is_file() or ".dvc/cache/" in path.as_posix():
+            continue
+        data = path.read_bytes()
+        if needle not in data:
+            continue
+        if data.startswith(SQLITE):
+            _relocate_sqlite(path, old_s, new_s)
+        elif "mlruns" in path.relative_to(base).parts:
+            text = data.decode()
+            path.write_text(text.replace(old_s + "/", new_s + "/"))
+        else:
+            raise AssertionError(f"{path} names {old_s}: relocate() does not know this file")
+
+
+def copy_workspace(source: Path, dest: Path) -> tuple[Path, dict[str, str]]:
+    """A copy of a built workspace's folder `source` (repo/ with its .git and .dvc/cache,
+    mlflow.db, mlruns, bentoml_home, the DVC remote beside it) at `dest`, relocated to
+    it: the copy's registry, artifacts and outputs are its own. Returns (repo, env)."""
+    shutil.copytree(source, dest, symlinks=True, dirs_exist_ok=True)
+    relocate(dest, source)
+    return dest / "repo", stores_env(dest)
+
+
+def _fingerprint(ws: Path, env: dict[str, str]) -> dict[str, object]:
+    """What a reader must not change in the shared build: git's view of the checkout,
+    dvc.lock, the registry's versions and aliases."""
+    db = sqlite3.connect(env["MLFLOW_TRACKING_URI"].removeprefix("sqlite:///"))
+    try:
+        registry = {
+            "aliases": sorted(db.execute("SELECT * FROM registered_model_aliases")),
+            "versions": sorted(db.execute("SELECT name, version FROM model_versions")),
+        }
+    finally:
+        db.close()
+    status = run(["git", "status", "--porcelain"], ws, env).stdout
+    lock = hashlib.md5((ws / "dvc.lock").read_bytes()).hexdigest()
+    return {"git": status, "dvc.lock": lock, **registry}
+
+
+@pytest.fixture(scope="session")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, dict[str, str]]]:
+    """The small workspace (30k rows; tests/conftest.py's small_checkout) after one real
+    `dvc repro`, built once per session and shared by every integration module that only
+    reads it. (ws, env): env has its MLflow store and BentoML home. Changing it would make
+    tests depend on their order, so the session ends with a check that nobody did."""
+    ws, env = build_workspace(tmp_path_factory.mktemp("built"))
+    before = _fingerprint(ws, env)
+    yield ws, env
+    assert _fingerprint(ws, env) == before, "a test changed the shared build: use built_copy"
+
+
+@pytest.fixture
+def built_copy(built, tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """A private copy of the shared build (copy_workspace), for one test that changes it."""
+    return copy_workspace(built[0].parent, tmp_path / "copy")
 
 
 @pytest.fixture

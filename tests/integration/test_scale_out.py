@@ -23,7 +23,7 @@ import requests
 from deploy.mlflow_server import Postgres, start_mlflow
 from stages.lib.project import file_md5
 
-from .conftest import (
+from ..conftest import (
     bento_dir,
     free_port,
     ran_stages,
@@ -66,6 +66,10 @@ def team_server():
 
 @pytest.fixture(scope="module")
 def team_workspace(team_server, tmp_path_factory: pytest.TempPathFactory):
+    """A small checkout built by its own `dvc repro` against the team server: what the
+    module proves is that the pipeline's runs, trials, registry writes and artifacts go
+    to `mlflow server` on PostgreSQL, so it cannot start from the session's shared build
+    (an SQLite store and local artifacts)."""
     _, uri, _ = team_server
     ws, env = small_checkout(tmp_path_factory.mktemp("team"))
     env = {**env, "MLFLOW_TRACKING_URI": uri}

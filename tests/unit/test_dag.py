@@ -22,7 +22,7 @@ from stages.lib.project import (
     stage_params,
 )
 
-from .conftest import ROOT
+from ..conftest import ROOT
 
 PACKAGES = ("stages", "serving")
 

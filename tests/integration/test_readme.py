@@ -3,13 +3,18 @@
 Each block runs as written in `bash -e`, in a clean environment: HOME a fresh folder, PATH
 /usr/bin:/bin (no activated venv, no .venv/bin), no MLflow or BentoML variables (so the
 project's own stores inside the checkout), only the telemetry switches the project sets
-itself. The cwd is one small built checkout of the project (tests/conftest.py's 30k-row
-config, built with `.venv/bin/dvc repro` in that same environment; its `.venv` links to
-this one's). The blocks run in document order in that checkout, one test each, so later
-blocks see what earlier ones made, as a user's would.
+itself. The cwd is one small built checkout of the project: a copy of the session's
+shared build (tests/conftest.py's 30k-row config) laid out as a new user's own build is,
+its MLflow store and BentoML home inside the checkout where the project puts them by
+default, then `.venv/bin/dvc repro` in that same environment, which must find them there
+(the champion check reads the registry: nothing reruns); its `.venv` links to this one's.
+(A build of its own would prove no more: the stages run in that shell in the Sweeps
+block's experiments.) The blocks run in document order in that checkout, each once, one
+test each, so later blocks see what earlier ones made, as a user's would: a block's test
+first runs every earlier block not yet run, so the tests pass in any order.
 
-The documents are tests/test_docs.py's: the README, then docs/ and its subfolders in path
-order (docs/benchmarks/ holds the benchmarks' generated tables and no shell blocks).
+The documents are tests/readme_blocks.py's: the README, then docs/ and its subfolders in
+path order (docs/benchmarks/ holds the benchmarks' generated tables and no shell blocks).
 
 - A block that names the service's address `127.0.0.1:3000` runs against the checkout's
   `make serve` on a free port: the test starts `make serve HOST=127.0.0.1 PORT=<free>` and
@@ -21,7 +26,8 @@ order (docs/benchmarks/ holds the benchmarks' generated tables and no shell bloc
 
 After the last block, `git status --porcelain` of the checkout must be empty: everything
 the commands wrote is ignored by git. New blocks in either document are picked up as they
-are; CHECKS adds assertions on what a block made, keyed by a command in it.
+are (tests/readme_blocks.py finds them; tests/unit/test_readme_markers.py checks the
+markers); CHECKS adds assertions on what a block made, keyed by a command in it.
 """
 
 from __future__ import annotations
@@ -30,106 +36,19 @@ import json
 import os
 import re
 import subprocess
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlparse
 
 import pandas as pd
 import pytest
 
-from .conftest import GIT_ID, ROOT, free_port, run, small_checkout, start_server, stop
-from .test_docs import documents
+from ..conftest import GIT_ID, ROOT, copy_workspace, free_port, run, start_server, stop
+from ..readme_blocks import Block, all_blocks, documents
 
 pytestmark = pytest.mark.integration
 
 SERVICE = "127.0.0.1:3000"  # the docs' address of `make serve`
-MARKER = re.compile(r"<!--\s*readme-test:\s*(?P<mode>\w+)\s*(?:[—–-]+\s*(?P<reason>.*?))?\s*-->")
-MODES = {"skip", "scratch"}
-FENCE = re.compile(r"^(?P<fence>```+|~~~+)\s*(?P<lang>[\w+-]*)")
-
-
-@dataclass(frozen=True)
-class Block:
-    doc: str  # path relative to the project root
-    line: int  # 1-based line of the opening fence
-    heading: str  # the nearest heading above it
-    text: str
-    mode: str  # "run", "scratch" or "skip"
-    reason: str
-
-    @property
-    def id(self) -> str:
-        return f"{self.doc}:{self.line}"
-
-
-def shell_blocks(path: Path, root: Path = ROOT) -> list[Block]:
-    """The ```bash blocks of a Markdown file, each with the readme-test marker (if any)
-    on the last non-blank line above its fence."""
-    blocks: list[Block] = []
-    lines = path.read_text().splitlines()
-    heading, previous, index = "", "", 0
-    while index < len(lines):
-        line = lines[index]
-        opened = FENCE.match(line)
-        if not opened:
-            if re.match(r"#{1,6} ", line):
-                heading = line
-            if line.strip():
-                previous = line
-            index += 1
-            continue
-        end = next(
-            (i for i in range(index + 1, len(lines)) if lines[i].startswith(opened["fence"])),
-            len(lines),
-        )
-        if opened["lang"] in ("bash", "sh", "shell"):
-            marker = MARKER.fullmatch(previous.strip())
-            mode, reason = (marker["mode"], marker["reason"] or "") if marker else ("run", "")
-            text = "\n".join(lines[index + 1 : end]) + "\n"
-            doc = path.relative_to(root).as_posix()
-            blocks.append(Block(doc, index + 1, heading, text, mode, reason))
-        previous, index = "", end + 1
-    return blocks
-
-
-def all_blocks() -> list[Block]:
-    return [block for path in documents() for block in shell_blocks(path)]
-
-
-def markers(path: Path) -> Iterator[tuple[int, str]]:
-    """HTML comments that mention readme-test (prose that quotes a marker is not one)."""
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if line.lstrip().startswith("<!--") and "readme-test" in line:
-            yield number, line.strip()
-
-
-def test_markers_are_known_and_explained() -> None:
-    """Every marker is well formed, sits right above a shell block, and a skip says why."""
-    blocks = {(b.doc, b.line): b for b in all_blocks()}
-    for path in documents():
-        doc = path.relative_to(ROOT).as_posix()
-        lines = path.read_text().splitlines()
-        for number, line in markers(path):
-            found = MARKER.fullmatch(line)
-            assert found and found["mode"] in MODES, f"{doc}:{number}: unknown marker {line!r}"
-            below = next(i for i in range(number, len(lines)) if lines[i].strip()) + 1
-            assert (doc, below) in blocks, f"{doc}:{number}: marker not above a bash block"
-            if found["mode"] == "skip":
-                assert len(found["reason"] or "") > 10, f"{doc}:{number}: skip without reason"
-
-
-def test_extractor_reads_markers_and_fences(tmp_path: Path) -> None:
-    (tmp_path / "README.md").write_text(
-        "# t\n## A\n```bash\necho a\n```\n<!-- readme-test: skip — needs a cluster -->\n\n"
-        "```bash\nkubectl apply\n```\n```yaml\nk: v\n```\n### B\n````bash\n```\n````\n"
-    )
-    blocks = shell_blocks(tmp_path / "README.md", tmp_path)
-    assert [(b.line, b.heading, b.mode, b.reason, b.text) for b in blocks] == [
-        (3, "## A", "run", "", "echo a\n"),
-        (8, "## A", "skip", "needs a cluster", "kubectl apply\n"),
-        (15, "### B", "run", "", "```\n"),
-    ]
 
 
 def user_env(home: Path) -> dict[str, str]:
@@ -147,16 +66,21 @@ def user_env(home: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
-    """A small checkout built by `.venv/bin/dvc repro` in a new user's shell."""
+def project(built, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    """A small built checkout with its stores inside it, up to date for `.venv/bin/dvc
+    repro` in a new user's shell."""
     base = tmp_path_factory.mktemp("readme")
-    ws, _ = small_checkout(base)
+    ws, _ = copy_workspace(built[0].parent, base)
+    for store in ("mlflow.db", "bentoml_home"):  # where a new user's build puts them
+        (base / store).rename(ws / store)
     (ws / ".venv").symlink_to(ROOT / ".venv")
     home = base / "home"
     home.mkdir()
     (home / ".gitconfig").write_text("[user]\n\tname = new user\n\temail = user@localhost\n")
     env = user_env(home)
-    run([".venv/bin/dvc", "repro"], ws, env)
+    result = run([".venv/bin/dvc", "repro"], ws, env)
+    assert "fraud-detector@champion is still v1" in result.stdout + result.stderr, result.stdout
+    assert "Stage 'package' didn't change" in result.stdout, result.stdout
     # The small config's dvc.lock and metrics, committed as the project's are: a fresh
     # clone's build leaves git clean (tests/test_sharing.py), so must this one.
     run(["git", *GIT_ID, "commit", "-qam", "built"], ws, env)
@@ -200,46 +124,87 @@ def test_score_missing_input_one_line(project, tmp_path: Path) -> None:
     code 2, before Spark starts (on main: PATH_NOT_FOUND in a Java and a Python traceback)."""
     ws, env = project
     job = [".venv/bin/python", "-m", "batch.score"]
+    out = tmp_path / "scored"  # not the checkout's scored/, which the README's blocks fill
+    empty = tmp_path / "empty"
+    empty.mkdir()
     for args in (
-        ["make", "-s", "score", "INPUT=data/nowhere/*.csv", "OUT=scored"],
-        [*job, "data/nowhere.parquet", "--out", "scored"],
-        [*job, str(tmp_path), "--out", "scored", "--format", "csv"],  # an empty folder
+        ["make", "-s", "score", "INPUT=data/nowhere/*.csv", f"OUT={out}"],
+        [*job, "data/nowhere.parquet", "--out", str(out)],
+        [*job, str(empty), "--out", str(out), "--format", "csv"],  # an empty folder
     ):
         result = run(args, ws, env, check=False, timeout=300)
         assert result.returncode == 2, result.stderr
         lines = [line for line in result.stderr.splitlines() if not line.startswith("make: ***")]
         assert len(lines) == 1 and lines[0].startswith("score: "), result.stderr
-        assert not (ws / "scored").exists()
+        assert not out.exists()
 
 
-@pytest.mark.parametrize("block", all_blocks(), ids=lambda b: b.id)
-def test_block_runs_verbatim(block: Block, project, tmp_path: Path) -> None:
-    """One shell block, pasted as it is (see the module docstring for service blocks)."""
+BLOCKS = all_blocks()
+
+
+class Blocks:
+    """The blocks run in document order in one checkout, each once: asking for a block's
+    outcome first runs every earlier block not yet run (the tests come in any order)."""
+
+    def __init__(self, ws: Path, env: dict[str, str], scratch: pytest.TempPathFactory) -> None:
+        self.ws, self.env, self.scratch = ws, env, scratch
+        self.outcomes: dict[str, BaseException | None] = {}  # block id -> its failure
+
+    def outcome(self, block: Block) -> BaseException | None:
+        for earlier in BLOCKS[: BLOCKS.index(block) + 1]:
+            if earlier.mode != "skip" and earlier.id not in self.outcomes:
+                try:
+                    self._run(earlier, self.scratch.mktemp("block"))
+                    self.outcomes[earlier.id] = None
+                except Exception as failure:  # the block's own test reports it
+                    self.outcomes[earlier.id] = failure
+        return self.outcomes.get(block.id)
+
+    def run_all(self) -> None:
+        if BLOCKS:
+            self.outcome(BLOCKS[-1])
+
+    def _run(self, block: Block, tmp_path: Path) -> None:
+        cwd, env = self.ws, self.env
+        if block.mode == "scratch":  # a copy, so the checkout's committed files stay
+            cwd = tmp_path / "scratch"
+            run(["git", "clone", "-q", str(self.ws), str(cwd)], tmp_path, env)
+            (cwd / ".venv").symlink_to(ROOT / ".venv")
+        if SERVICE not in block.text:
+            output = run_block(block, cwd, env)
+        else:
+            process, address = serving(cwd, env, tmp_path / "serve.log")
+            try:
+                output = run_block(block, cwd, env, block.text.replace(SERVICE, address))
+            finally:
+                stop(process)
+        for command, check in CHECKS.items():
+            if command in block.text:
+                check(block, cwd, env, output)
+
+
+@pytest.fixture(scope="module")
+def blocks(project, tmp_path_factory: pytest.TempPathFactory) -> Blocks:
     ws, env = project
+    return Blocks(ws, env, tmp_path_factory)
+
+
+@pytest.mark.parametrize("block", BLOCKS, ids=lambda b: b.id)
+def test_block_runs_verbatim(block: Block, blocks: Blocks) -> None:
+    """One shell block, pasted as it is, after the blocks above it (see the module
+    docstring for service and scratch blocks)."""
     if block.mode == "skip":
         pytest.skip(f"{block.heading}: {block.reason}")
-    cwd = ws
-    if block.mode == "scratch":  # a copy, so the checkout's committed files stay as they are
-        cwd = tmp_path / "scratch"
-        run(["git", "clone", "-q", str(ws), str(cwd)], tmp_path, env)
-        (cwd / ".venv").symlink_to(ROOT / ".venv")
-    if SERVICE not in block.text:
-        output = run_block(block, cwd, env)
-    else:
-        process, address = serving(cwd, env, tmp_path / "serve.log")
-        try:
-            output = run_block(block, cwd, env, block.text.replace(SERVICE, address))
-        finally:
-            stop(process)
-    for command, check in CHECKS.items():
-        if command in block.text:
-            check(block, cwd, env, output)
+    failure = blocks.outcome(block)
+    if failure is not None:
+        raise failure
 
 
-def test_checkout_stays_clean(project) -> None:
-    """What the docs' commands wrote (stores, scored files, inputs) is git-ignored.
-    Runs after the blocks (pytest keeps the file's order)."""
+def test_checkout_stays_clean(project, blocks: Blocks) -> None:
+    """What the README's commands wrote (stores, scored files, inputs) is git-ignored:
+    checked once every block has run."""
     ws, _ = project
+    blocks.run_all()
     assert git_status(ws) == ""
 
 

@@ -1,6 +1,12 @@
 """Killing the pipeline kills its work: kill -9 of `dvc repro` mid-train leaves no stage
 process, no output and no MLflow run RUNNING, and the next `dvc repro` just works.
 
+Each kill happens in a copy of the session's shared build (`built_copy`) with a search
+long enough to be caught mid-way, so only train (and what follows it) is stale. Back at
+the build's params the next `dvc repro` would only check train's outputs out of the cache,
+so it is forced on train alone: the stage runs again for real and gives the build's model
+byte for byte, which leaves every stage up to date.
+
 Real DVC, MLflow and a real SIGKILL; the only processes signalled are the ones this test
 started (the `dvc repro` and, if the stage outlived it, the stage in dvc's process group).
 """
@@ -16,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import ROOT, run, set_params, small_checkout, stale_stages, stores_env
+from ..conftest import ROOT, ran_stages, run, set_params, stale_stages, stores_env
 
 pytestmark = pytest.mark.integration
 
@@ -39,13 +45,15 @@ def stage_pids(ws: Path) -> list[int]:
     return found
 
 
-def runs(env: dict[str, str]) -> list:
-    """Every run of the checkout's own MLflow store (training runs and their trials)."""
+def runs(env: dict[str, str], besides: frozenset[str] = frozenset()) -> list:
+    """Every run of the checkout's own MLflow store (training runs and their trials), but
+    those in `besides` (run ids)."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
     experiment = client.get_experiment_by_name("fraudops")
-    return [] if experiment is None else client.search_runs([experiment.experiment_id])
+    found = [] if experiment is None else client.search_runs([experiment.experiment_id])
+    return [r for r in found if r.info.run_id not in besides]
 
 
 def wait_for(condition, timeout: float, what: str) -> None:
@@ -56,14 +64,17 @@ def wait_for(condition, timeout: float, what: str) -> None:
         time.sleep(0.2)
 
 
-def wait_until_mid_search(ws: Path, env: dict[str, str], dvc: subprocess.Popen) -> None:
-    """Until train runs and has logged a trial: its MLflow run exists, outputs do not."""
+def wait_until_mid_search(
+    ws: Path, env: dict[str, str], dvc: subprocess.Popen, log: Path, old: frozenset[str]
+) -> None:
+    """Until train runs and has logged a trial (a run not in `old`): its MLflow run
+    exists, outputs do not."""
 
     def searching() -> bool:
         if dvc.poll() is not None:
-            raise AssertionError(f"dvc repro ended first:\n{(ws.parent / 'repro.log').read_text()}")
+            raise AssertionError(f"dvc repro ended first:\n{log.read_text()}")
         return bool(stage_pids(ws)) and any(
-            r.data.tags.get("mlflow.parentRunId") for r in runs(env)
+            r.data.tags.get("mlflow.parentRunId") for r in runs(env, old)
         )
 
     wait_for(searching, 600, "train's first trial")
@@ -73,33 +84,34 @@ def wait_until_mid_search(ws: Path, env: dict[str, str], dvc: subprocess.Popen) 
 # DVC runs a command as `$SHELL -c cmd`: bash execs the stage's python (dvc is its parent),
 # dash (/bin/sh, DVC's default without SHELL) forks and stays between dvc and python.
 @pytest.mark.parametrize("shell", ["/bin/bash", "/bin/sh"])
-def test_kill_9_of_dvc_repro_stops_the_stage(tmp_path: Path, shell: str) -> None:
-    ws, env = small_checkout(tmp_path)
+def test_kill_9_of_dvc_repro_stops_the_stage(built_copy, tmp_path: Path, shell: str) -> None:
+    ws, env = built_copy
     ws, env = ws.resolve(), {**env, "SHELL": shell}
+    old = frozenset(r.info.run_id for r in runs(env))  # the build's own runs
+    params = (ws / "params.yaml").read_text()
     # Long enough to kill mid-way: the search alone would take minutes.
     set_params(ws, train__search__trials=300, train__search__timeout_seconds=1200)
-    log = (tmp_path / "repro.log").open("w")
+    log_path = tmp_path / "repro.log"
+    log = log_path.open("w")
     # Its own session, so its process group holds dvc and the stage it starts, and only them.
     dvc = subprocess.Popen(
         ["dvc", "repro"], cwd=ws, env=env, stdout=log, stderr=subprocess.STDOUT,
         start_new_session=True,
     )  # fmt: skip
     try:
-        wait_until_mid_search(ws, env, dvc)
+        wait_until_mid_search(ws, env, dvc, log_path, old)
         dvc.send_signal(signal.SIGKILL)
         dvc.wait()
         killed = time.monotonic()
         wait_for(lambda: not stage_pids(ws), 5, "the stage to end after dvc was killed")
         # The stage watched dvc itself, not the shell that dash leaves between them.
-        assert (
-            f"started this stage (pid {dvc.pid}) has ended" in (tmp_path / "repro.log").read_text()
-        )
+        assert f"started this stage (pid {dvc.pid}) has ended" in log_path.read_text()
         time.sleep(max(0.0, killed + 10 - time.monotonic()))
         assert [p for p in OUTPUTS if (ws / p).exists()] == []
         assert sorted(p.name for p in (ws / "models").glob(".*tmp-*")) == []
-        statuses = {r.info.run_name: r.info.status for r in runs(env)}
+        statuses = {r.info.run_name: r.info.status for r in runs(env, old)}
         assert statuses and "RUNNING" not in statuses.values(), statuses
-        training = [r for r in runs(env) if not r.data.tags.get("mlflow.parentRunId")]
+        training = [r for r in runs(env, old) if not r.data.tags.get("mlflow.parentRunId")]
         assert [r.info.status for r in training] == ["KILLED"]
     finally:
         try:
@@ -109,9 +121,9 @@ def test_kill_9_of_dvc_repro_stops_the_stage(tmp_path: Path, shell: str) -> None
         log.close()
 
     # DVC's repo lock is an flock (freed with the process) and its rwlock drops dead pids.
-    set_params(ws, train__search__trials=5)
-    rerun = run(["dvc", "repro"], ws, env)
-    assert "Running stage 'train'" in rerun.stdout
+    (ws / "params.yaml").write_text(params)
+    rerun = run(["dvc", "repro", "--force", "--single-item", "train"], ws, env)
+    assert ran_stages(rerun.stdout) == ["train"], rerun.stdout
     assert stale_stages(ws, env) == {}
 
 

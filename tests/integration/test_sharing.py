@@ -1,5 +1,11 @@
 """Reproducible and shareable: a fresh clone rebuilds the same bytes, and a teammate's
-clone gets every artifact through the DVC remote instead of recomputing it."""
+clone gets every artifact through the DVC remote instead of recomputing it.
+
+The origin is a copy of the session's shared build (built from empty stores), committed
+and pushed. That the committed dvc.lock at the default params is what a fresh clone
+builds from empty stores is checked by `.ci/run` before the tests (`make pipeline` in its
+fresh clone, then `git status`); here, the default data against that lock.
+(The checks that need no DVC run: tests/unit/test_reproducibility.py.)"""
 
 from __future__ import annotations
 
@@ -16,13 +22,13 @@ import requests
 import yaml
 
 from stages.lib.modeling import load_model
-from stages.lib.project import copy_checkout, file_md5, pipeline_path
+from stages.lib.project import file_md5, pipeline_path
 
-from .conftest import (
+from ..conftest import (
     GIT_ID,
     ROOT,
     bento_dir,
-    build_workspace,
+    copy_workspace,
     ran_stages,
     run,
     stale_stages,
@@ -35,10 +41,11 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def origin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, dict, Path]]:
-    """A small project after `dvc repro`, committed, pushed to a remote of its own."""
+def origin(built, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, dict, Path]]:
+    """A small project after `dvc repro` (a copy of the shared build), committed, pushed
+    to a remote of its own. The tests only clone it."""
     base = tmp_path_factory.mktemp("origin")
-    ws, env = build_workspace(base)
+    ws, env = copy_workspace(built[0].parent, base)
     run(["git", "add", "-A"], ws, env)
     run(["git", *GIT_ID, "commit", "-qm", "built"], ws, env)
     remote = base / "remote"
@@ -56,14 +63,9 @@ def _clone(origin_ws: Path, base: Path) -> tuple[Path, dict[str, str]]:
     return clone, env
 
 
-def test_default_remote_is_configured() -> None:
-    config = (ROOT / ".dvc" / "config").read_text()
-    assert "remote = local" in config and "url = " in config
-
-
 # What another CPU would run: other BLAS kernels and numpy's baseline SIMD paths. (numpy's
 # AVX-512 paths cannot be switched on here; the model avoids the transcendental ones, see
-# test_model_features_use_no_cpu_specific_numpy_kernels.)
+# tests/unit/test_reproducibility.py.)
 OTHER_KERNELS = {"OPENBLAS_CORETYPE": "Prescott", "NPY_DISABLE_CPU_FEATURES": "X86_V3"}
 
 
@@ -78,20 +80,11 @@ def test_fresh_clone_reproduces_bit_for_bit(origin, tmp_path: Path) -> None:
     assert run(["git", "status", "--porcelain"], clone, env).stdout == ""
 
 
-def test_teammate_pulls_what_the_committed_lock_names(tmp_path: Path) -> None:
-    """Day one of a team, at the default params: A builds from empty stores and pushes
-    without committing anything (its outputs must be the ones the committed dvc.lock
-    names); B, a fresh clone of the same commit, only pulls, and serves A's model."""
-    a, env_a = tmp_path / "a", stores_env(tmp_path / "a")
-    a.mkdir()
-    copy_checkout(ROOT, a / "repo")
-    a = a / "repo"
-    remote = tmp_path / "remote"
-    run(["dvc", "remote", "modify", "--local", "local", "url", str(remote)], a, env_a)
-    run(["dvc", "repro"], a, env_a, timeout=1800)
-    assert run(["git", "status", "--porcelain"], a, env_a).stdout == ""
-    run(["dvc", "push"], a, env_a)
-
+def test_teammate_pulls_what_the_committed_lock_names(origin, tmp_path: Path) -> None:
+    """Day one of a team: A built from empty stores, committed and pushed (the origin); B,
+    a fresh clone of that commit with empty stores of its own, only pulls, and serves A's
+    model."""
+    a, _, remote = origin
     b, env_b = _clone(a, tmp_path / "b")
     run(["dvc", "remote", "modify", "--local", "local", "url", str(remote)], b, env_b)
     run(["dvc", "pull"], b, env_b)
@@ -142,56 +135,3 @@ def test_default_data_matches_dvc_lock(tmp_path: Path, cpu_env: dict[str, str]) 
         capture_output=True,
     )
     assert file_md5(out) == _prepared_md5_in_lock()
-
-
-# numpy ufuncs whose float64 loops have CPU-specific kernels (AVX512F, or Intel's SVML on
-# AVX512_SKX; numpy/_core/src/umath/loops_umath_fp.dispatch.c.src and
-# loops_exponent_log.dispatch.c.src): their last bits depend on the CPU.
-CPU_SPECIFIC_UFUNCS = {
-    np.exp,
-    np.log,
-    np.exp2,
-    np.log2,
-    np.log10,
-    np.expm1,
-    np.log1p,
-    np.cbrt,
-    np.power,
-    np.tan,
-    np.arcsin,
-    np.arccos,
-    np.arctan,
-    np.sinh,
-    np.cosh,
-    np.tanh,
-    np.arcsinh,
-    np.arccosh,
-    np.arctanh,
-}
-
-
-@pytest.mark.parametrize("family", ["lightgbm", "hgb", "extra_trees", "logreg"])
-def test_model_features_use_no_cpu_specific_numpy_kernels(family: str) -> None:
-    """Tree thresholds are midpoints of the transformed feature values, so a transform
-    whose last bits depend on the CPU changes the model file from machine to machine."""
-    from sklearn.preprocessing import FunctionTransformer
-
-    from stages.lib.modeling import build_estimator
-
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())["train"][family]
-    estimator = build_estimator(family, params, seed=0)
-    functions = [
-        step.func
-        for _, step in _walk(estimator)
-        if isinstance(step, FunctionTransformer) and step.func is not None
-    ]
-    assert functions, "the feature pipeline has no function transformer to check"
-    assert not [f for f in functions if f in CPU_SPECIFIC_UFUNCS], functions
-
-
-def _walk(estimator) -> Iterator[tuple[str, object]]:
-    """(name, step) of every step of Pipelines and ColumnTransformers, nested."""
-    parts = getattr(estimator, "steps", []) + getattr(estimator, "transformers", [])
-    for name, step, *_ in parts:
-        yield name, step
-        yield from _walk(step)

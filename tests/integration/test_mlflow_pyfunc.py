@@ -1,10 +1,11 @@
 """MLflow's own serving answers like the Bento: the registered version is a pyfunc that
 applies the serving contract the package stage attached to it.
 
-On a small built workspace: real `mlflow models serve` (docs/scaling-out.md's command) and the
-real `bentoml serve` of the package stage's Bento, both given the team's real-format
-sample; `mlflow.pyfunc.load_model` in-process; and a model folder without its contract
-refused at load.
+On the session's small built workspace (`built`, only read here): real `mlflow models
+serve` (docs/scaling-out.md's command) and the real `bentoml serve` of the package stage's Bento,
+both given the team's real-format sample; `mlflow.pyfunc.load_model` in-process; and a
+model folder without its contract refused at load. The one test that reruns the
+pipeline does it in a copy (`built_copy`).
 """
 
 from __future__ import annotations
@@ -23,10 +24,9 @@ import requests
 from serving.contract import Contract
 from stages.lib.project import file_md5
 
-from .conftest import (
+from ..conftest import (
     BIN,
     bento_dir,
-    build_workspace,
     free_port,
     run,
     start_bento,
@@ -41,28 +41,26 @@ SCORES = ["fraud_probability", "is_fraud", "risk_band"]
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
-    return build_workspace(tmp_path_factory.mktemp("pyfunc"))
-
-
-@pytest.fixture(scope="module")
-def mlflow_url(built) -> Iterator[str]:
+def mlflow_url(built, tmp_path_factory) -> Iterator[str]:
     """`mlflow models serve` of the registry's champion, as docs/scaling-out.md types it."""
     ws, env = built
     port = free_port()
     args = [str(BIN / "mlflow"), "models", "serve", "-m", CHAMPION, "--env-manager", "local",
             "-h", "127.0.0.1", "-p", str(port)]  # fmt: skip
     url = f"http://127.0.0.1:{port}"
-    process = start_server(args, env, ws.parent / "mlflow_serve.log", f"{url}/ping")
+    log = tmp_path_factory.mktemp("mlflow_serve") / "log"
+    process = start_server(args, env, log, f"{url}/ping")
     yield url
     stop(process)
 
 
 @pytest.fixture(scope="module")
-def bento_scores(built, real_sample: Path) -> pd.DataFrame:
+def bento_scores(built, real_sample: Path, tmp_path_factory) -> pd.DataFrame:
     """The served Bento's answer for the real-format sample (POST /predict_file)."""
     ws, env = built
-    process, url = start_bento(bento_dir(ws), env, ws.parent / "bento.log")
+    scratch = tmp_path_factory.mktemp("bento")
+    env = {**env, "BENTOML_HOME": str(scratch / "home")}  # the Bento folder is all it needs
+    process, url = start_bento(bento_dir(ws), env, scratch / "bento.log")
     try:
         with open(real_sample, "rb") as fh:
             response = requests.post(
@@ -224,14 +222,13 @@ def test_spark_udf_scores_like_the_bento(
     _same_scores(scored, bento_scores)
 
 
-def test_package_brings_the_pyfunc_serving_code_up_to_date(built) -> None:
+def test_package_brings_the_pyfunc_serving_code_up_to_date(built_copy) -> None:
     """A serving change retrains the same model file, which keeps its registered version
-    and so that version's logged model: package must refresh the code the pyfunc runs.
-    (Last in the module: it changes the shared workspace.)"""
+    and so that version's logged model: package must refresh the code the pyfunc runs."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    ws, env = built
+    ws, env = built_copy
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     try:
         before = MlflowClient().get_model_version_by_alias("fraud-detector", "champion")

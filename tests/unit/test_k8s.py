@@ -3,7 +3,7 @@ built by kustomize, validated against Kubernetes' own schemas (kubernetes-valida
 their wiring (selectors, ports, probes, secrets, alert rules) is checked object by object.
 (`kubectl create --dry-run=client` is no help offline: it asks a server for the API's
 resource list before anything else and fails without one.)
-The probes are also asked of a real served Bento in tests/test_service.py."""
+The probes are also asked of a real served Bento in tests/integration/test_service.py."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import yaml
 
 from deploy.k8s import render
 
-from .conftest import ROOT, system_tool
+from ..conftest import ROOT, system_tool
 
 K8S = ROOT / "deploy" / "k8s"
 OVERLAYS = ("dev", "production")

@@ -1,4 +1,5 @@
-"""The Bento served for real by `bentoml serve` on free loopback ports."""
+"""The Bento served for real by `bentoml serve` on free loopback ports: the session's
+shared build (`built`), only read (each server has its own BentoML home)."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from stages.lib.modeling import load_model
 from stages.lib.project import file_md5
 from stages.lib.servers import BIN, free_port
 
-from .conftest import ROOT, bento_dir, build_workspace, start_bento, stop
+from ..conftest import ROOT, bento_dir, start_bento, stop
 
 pytestmark = pytest.mark.integration
 FORMAT_FIXTURE = ROOT / "tests" / "fixtures" / "creditcard_format.csv"
@@ -38,13 +39,9 @@ LOGS: dict[str, Path] = {}  # each server's log file
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
-    return build_workspace(tmp_path_factory.mktemp("service"))
-
-
-@pytest.fixture(scope="module")
 def server(built, tmp_path_factory) -> Iterator[str]:
     ws, env = built
+    env = {**env, "BENTOML_HOME": str(tmp_path_factory.mktemp("server_home"))}
     log = tmp_path_factory.mktemp("logs") / "serve.log"
     process, url = start_bento(bento_dir(ws), env, log)
     LOGS[url] = log
@@ -456,7 +453,7 @@ def test_kubernetes_manifests_fit_the_served_bento(guarded, built) -> None:
     """deploy/k8s against the real thing: the address comes from BENTOML_HOST (the guarded
     server was started that way, on 127.0.0.2, and nothing answers on 127.0.0.1), the
     probes' paths answer, and the container port is the one the Bento's Dockerfile exposes."""
-    from tests.test_k8s import build, by_kind
+    from tests.unit.test_k8s import build, by_kind
 
     port = int(guarded.rsplit(":", 1)[1])
     with pytest.raises(ConnectionRefusedError), socket.create_connection(("127.0.0.1", port)):
@@ -667,6 +664,7 @@ def test_corrupt_model_fails_fast(built, tmp_path, reliability) -> None:
     """Issue 11.5: a truncated model.pkl made `bentoml serve` restart its worker in a loop
     while the port accepted connections. Now it exits at once with one line naming the file."""
     ws, env = built
+    env = {**env, "BENTOML_HOME": str(tmp_path / "home")}
     bento = tmp_path / "bento"
     shutil.copytree(bento_dir(ws), bento)
     (model_file,) = bento.glob("models/*/*/model.pkl")

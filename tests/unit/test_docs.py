@@ -19,7 +19,8 @@ import ast
 import re
 from pathlib import Path
 
-from .conftest import ROOT
+from ..conftest import ROOT
+from ..readme_blocks import documents
 
 README_MAX_LINES = 250
 FENCE = re.compile(r"^\s*(```+|~~~+)")
@@ -28,11 +29,6 @@ LINK = re.compile(r"!?\[(?:[^\[\]]|\[[^\]]*\])*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"
 HTML_LINK = re.compile(r"<(?:a|img)\b[^>]*?\b(?:href|src)=\"([^\"]+)\"", re.IGNORECASE)
 SCHEME = re.compile(r"^(?:[a-z][a-z0-9+.-]*:|//)", re.IGNORECASE)
 TABLE_SEPARATOR = re.compile(r"^\|[\s:|-]+\|$")
-
-
-def documents(root: Path = ROOT) -> list[Path]:
-    """The README, then every page under docs/ (subfolders included), in path order."""
-    return [root / "README.md", *sorted((root / "docs").rglob("*.md"))]
 
 
 def prose_lines(path: Path) -> list[tuple[int, str]]:

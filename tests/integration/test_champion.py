@@ -14,17 +14,20 @@ import pytest
 
 from stages.lib.project import file_md5
 
-from .conftest import bento_dir, build_workspace, ran_stages, run, stale_stages
+from ..conftest import bento_dir, copy_workspace, ran_stages, run, stale_stages
 
 pytestmark = pytest.mark.integration
 NAME = "fraud-detector"
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, dict, object]]:
-    """A built small workspace whose registry also holds a second model (v2, logistic
-    regression, trained by a temporary experiment) that is not the champion."""
-    ws, env = build_workspace(tmp_path_factory.mktemp("champion"))
+def workspace(
+    built, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Path, dict, object]]:
+    """A copy of the shared build whose registry also holds a second model (v2, logistic
+    regression, trained by a temporary experiment) that is not the champion. Each test
+    leaves the registry's champion where it found it."""
+    ws, env = copy_workspace(built[0].parent, tmp_path_factory.mktemp("champion"))
     run(["dvc", "exp", "run", "--temp", "-n", "other", "-S", "train.model=logreg"], ws, env)
     import mlflow
     from mlflow.tracking import MlflowClient

@@ -1,6 +1,8 @@
 """The real `dvc repro` end to end in a copy of the project, on a small synthetic config.
 
-Real DVC, MLflow (sqlite store) and BentoML (a private BENTOML_HOME); nothing mocked.
+Real DVC, MLflow (sqlite store) and BentoML (a private BENTOML_HOME); nothing mocked. The
+session's shared build (`built`) is what the first `dvc repro` made; every test that runs
+DVC again or edits the checkout does so in its own copy of it (`built_copy`).
 """
 
 from __future__ import annotations
@@ -18,12 +20,13 @@ from serving.contract import Contract
 from stages.lib.modeling import load_model
 from stages.lib.project import file_md5
 
-from .conftest import (
+from ..conftest import (
     bento_dir,
-    build_workspace,
+    copy_workspace,
     ran_stages,
     run,
     set_params,
+    sqlite_mentions,
     stale_stages,
     start_bento,
     stop,
@@ -32,13 +35,8 @@ from .conftest import (
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
-    return build_workspace(tmp_path_factory.mktemp("pipeline"))
-
-
-def test_repro_builds_every_output(workspace) -> None:
-    ws, env = workspace
+def test_repro_builds_every_output(built, tmp_path: Path) -> None:
+    ws, env = built
     for out in (
         "data/prepared/transactions.parquet",
         "data/split/train.parquet",
@@ -73,13 +71,13 @@ def test_repro_builds_every_output(workspace) -> None:
 
     show = run(["dvc", "metrics", "show", "--json"], ws, env).stdout
     assert "average_precision" in show
-    run(["dvc", "plots", "show", "-o", str(ws.parent / "plots_html")], ws, env)
-    assert (ws.parent / "plots_html" / "index.html").is_file()
+    run(["dvc", "plots", "show", "-o", str(tmp_path / "plots_html")], ws, env)
+    assert (tmp_path / "plots_html" / "index.html").is_file()
 
 
-def test_one_serialised_model(workspace) -> None:
+def test_one_serialised_model(built) -> None:
     """The DVC output, the registry's champion and the Bento's model are one file."""
-    ws, env = workspace
+    ws, env = built
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -94,8 +92,8 @@ def test_one_serialised_model(workspace) -> None:
     assert not list(ws.glob("models/*.joblib"))
 
 
-def test_mlflow_run_and_registry(workspace) -> None:
-    ws, env = workspace
+def test_mlflow_run_and_registry(built) -> None:
+    ws, env = built
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -126,10 +124,10 @@ def test_mlflow_run_and_registry(workspace) -> None:
     np.testing.assert_allclose(loaded.predict_proba(test), local.predict_proba(test))
 
 
-def test_second_repro_is_noop(workspace) -> None:
+def test_second_repro_is_noop(built_copy) -> None:
     """Only the registry question is asked again; its answer is the same, so nothing
     downstream runs and dvc.lock is not touched."""
-    ws, env = workspace
+    ws, env = built_copy
     lock = (ws / "dvc.lock").read_bytes()
     result = run(["dvc", "repro"], ws, env)
     assert ran_stages(result.stdout) == ["champion"]
@@ -139,8 +137,8 @@ def test_second_repro_is_noop(workspace) -> None:
     assert stale_stages(ws, env) == {}
 
 
-def test_param_change_reruns_only_downstream(workspace) -> None:
-    ws, env = workspace
+def test_param_change_reruns_only_downstream(built_copy) -> None:
+    ws, env = built_copy
     set_params(ws, evaluate__cost_false_alarm=7)
     result = run(["dvc", "repro"], ws, env)
     assert ran_stages(result.stdout) == ["evaluate", "champion", "package"]
@@ -151,9 +149,9 @@ def test_param_change_reruns_only_downstream(workspace) -> None:
     assert stale_stages(ws, env) == {}
 
 
-def test_schema_change_reruns_train(workspace) -> None:
+def test_schema_change_reruns_train(built_copy) -> None:
     """A changed module a stage imports (here the feature list) reruns that stage."""
-    ws, env = workspace
+    ws, env = built_copy
     schema = ws / "stages/lib/schema.py"
     before = schema.read_text()
     try:
@@ -165,9 +163,9 @@ def test_schema_change_reruns_train(workspace) -> None:
     assert stale_stages(ws, env) == {}
 
 
-def test_bento_loads_and_scores(workspace, tmp_path: Path) -> None:
+def test_bento_loads_and_scores(built, tmp_path: Path) -> None:
     """Serve the exported Bento folder from an empty BentoML home, for real."""
-    ws, env = workspace
+    ws, env = built
     env = {**env, "BENTOML_HOME": str(tmp_path / "fresh_home")}
     process, url = start_bento(bento_dir(ws), env, tmp_path / "serve.log")
     try:
@@ -188,20 +186,38 @@ def test_bento_loads_and_scores(workspace, tmp_path: Path) -> None:
         stop(process)
 
 
-def test_gate_failure_stops_before_registry(workspace) -> None:
-    ws, env = workspace
-    before = (ws / "params.yaml").read_text()
+def test_gate_failure_stops_before_registry(built_copy) -> None:
+    ws, env = built_copy
     champion = (ws / "models/champion.json").read_bytes()
+    set_params(ws, evaluate__gate__min_roc_auc=0.9999)
+    result = run(["dvc", "repro"], ws, env, check=False)
+    assert result.returncode != 0
+    assert "quality gate failed on the test split: roc_auc" in result.stderr + result.stdout
+    assert "Traceback" not in result.stderr
+    assert not (ws / "models/registry.json").exists()
+    # The registry's champion did not move: its record stays, and nothing after the
+    # failed stage ran.
+    assert (ws / "models/champion.json").read_bytes() == champion
+    assert not {"champion", "package"} & set(ran_stages(result.stdout))
+
+
+def test_a_copy_of_the_build_names_only_itself(built, tmp_path: Path) -> None:
+    """copy_workspace: no row of the copy's MLflow store and no file of the copy names
+    the original's folder, the copy's registry hands out its own files, and its DVC
+    outputs are up to date there."""
+    import mlflow
+
+    original = built[0].parent
+    ws, env = copy_workspace(original, tmp_path / "copy")
+    assert sqlite_mentions(ws.parent / "mlflow.db", str(original)) == []
+    assert sqlite_mentions(ws.parent / "mlflow.db", str(ws.parent))  # it had paths to move
+    needle = str(original).encode()
+    assert [p for p in ws.parent.rglob("*") if p.is_file() and needle in p.read_bytes()] == []
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     try:
-        set_params(ws, evaluate__gate__min_roc_auc=0.9999)
-        result = run(["dvc", "repro"], ws, env, check=False)
-        assert result.returncode != 0
-        assert "quality gate failed on the test split: roc_auc" in result.stderr + result.stdout
-        assert "Traceback" not in result.stderr
-        assert not (ws / "models/registry.json").exists()
-        # The registry's champion did not move: its record stays, and nothing after the
-        # failed stage ran.
-        assert (ws / "models/champion.json").read_bytes() == champion
-        assert not {"champion", "package"} & set(ran_stages(result.stdout))
+        folder = Path(mlflow.artifacts.download_artifacts("models:/fraud-detector@champion"))
+        assert folder.resolve().is_relative_to(ws / "mlruns"), folder  # not the original's
+        assert file_md5(folder / "model.pkl") == file_md5(ws / "models/model.pkl")
     finally:
-        (ws / "params.yaml").write_text(before)
+        mlflow.set_tracking_uri(None)
+    assert stale_stages(ws, env) == {}

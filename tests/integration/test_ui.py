@@ -20,11 +20,10 @@ from monitoring.stack import ui_command
 from serving.contract import PublishedContract
 from ui import client
 
-from .conftest import (
+from ..conftest import (
     REAL_SAMPLE,
     ROOT,
     bento_dir,
-    build_workspace,
     free_port,
     start_bento,
     start_server,
@@ -37,9 +36,11 @@ ARTIFACTS = ROOT / "test-artifacts"
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory) -> Iterator[dict]:
+def service(built, tmp_path_factory) -> Iterator[dict]:
+    """The shared build's Bento, served with its own BentoML home."""
     base = tmp_path_factory.mktemp("ui")
-    ws, env = build_workspace(base)
+    ws, env = built
+    env = {**env, "BENTOML_HOME": str(base / "home")}
     process, url = start_bento(bento_dir(ws), env, base / "serve.log")
     yield {"url": url, "workspace": ws, "env": env, "base": base}
     stop(process)
@@ -171,27 +172,13 @@ def test_persistent_outage_is_explained(contract) -> None:
     assert "not reachable" in run.error and "Traceback" not in run.error
 
 
-def test_threshold_summary() -> None:
-    p = np.array([0.9, 0.6, 0.2, 0.01])
-    costs = {"cost_missed_fraud": 100.0, "cost_false_alarm": 5.0}
-    labelled = client.threshold_summary(p, 0.5, costs, np.array([1, 0, 1, 0]))
-    assert (labelled["flagged"], labelled["true_positives"], labelled["false_negatives"]) == (
-        2,
-        1,
-        1,
-    )
-    assert labelled["expected_cost"] == 105.0 and labelled["precision"] == 0.5
-    unlabelled = client.threshold_summary(p, 0.5, costs)
-    assert unlabelled["expected_cost"] == pytest.approx(0.1 * 5 + 0.4 * 5 + 0.2 * 100 + 0.01 * 100)
-
-
 # --- the page, through Streamlit's AppTest --------------------------------------------
 
 
-def _app(url: str):
+def _app(url: str, monkeypatch: pytest.MonkeyPatch):
     from streamlit.testing.v1 import AppTest
 
-    os.environ["FRAUD_SERVICE_URL"] = url
+    monkeypatch.setenv("FRAUD_SERVICE_URL", url)  # the page reads it; gone after the test
     return AppTest.from_file(str(ROOT / "ui" / "app.py"), default_timeout=120)
 
 
@@ -199,8 +186,8 @@ def _metrics(at) -> dict[str, str]:
     return {m.label: m.value for m in at.metric}
 
 
-def test_app_scores_the_sample(service, contract) -> None:
-    at = _app(service["url"]).run()
+def test_app_scores_the_sample(service, contract, monkeypatch) -> None:
+    at = _app(service["url"], monkeypatch).run()
     assert not at.exception
     assert "Service is up" in [s.value for s in at.sidebar.success]
     assert at.sidebar.slider[0].value == pytest.approx(contract.threshold, abs=5e-4)
@@ -221,8 +208,8 @@ def test_app_scores_the_sample(service, contract) -> None:
     assert _metrics(at)["Flagged"] == "1,000"
 
 
-def test_app_refuses_a_bad_file_before_sending(service) -> None:
-    at = _app(service["url"])
+def test_app_refuses_a_bad_file_before_sending(service, monkeypatch) -> None:
+    at = _app(service["url"], monkeypatch)
     bad = pd.read_csv(SAMPLE).drop(columns=["Amount"])
     at.session_state["source"] = ("bad.csv", bad.to_csv(index=False).encode())
     at.run()
@@ -231,8 +218,8 @@ def test_app_refuses_a_bad_file_before_sending(service) -> None:
     assert not at.metric
 
 
-def test_app_says_when_service_is_down() -> None:
-    at = _app(f"http://127.0.0.1:{free_port()}").run()
+def test_app_says_when_service_is_down(monkeypatch) -> None:
+    at = _app(f"http://127.0.0.1:{free_port()}", monkeypatch).run()
     assert not at.exception
     assert any("down or unreachable" in e.value for e in at.sidebar.error)
 
