@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from stages.lib.environment import TELEMETRY_OFF, stores
 from stages.lib.project import copy_checkout
 from stages.lib.servers import (  # noqa: F401  (re-exported for the test modules)
     BIN,
@@ -42,9 +43,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 REAL_SAMPLE = SHARED_DATA / "creditcard_sample.csv"
 
-os.environ.setdefault("DVC_NO_ANALYTICS", "1")
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+for _name, _value in TELEMETRY_OFF.items():
+    os.environ.setdefault(_name, _value)
 
 
 @pytest.fixture(autouse=True)
@@ -122,9 +122,8 @@ def stores_env(base: Path) -> dict[str, str]:
     env = {
         **os.environ,
         "PATH": f"{BIN}:{os.environ['PATH']}",
-        "MLFLOW_TRACKING_URI": f"sqlite:///{base / 'mlflow.db'}",
-        "BENTOML_HOME": str(base / "bentoml_home"),
-        "DVC_NO_ANALYTICS": "1",
+        **TELEMETRY_OFF,
+        **stores(base),  # beside the checkout, not inside it
     }
     env.pop("DVC_ROOT", None)
     env.pop("VIRTUAL_ENV", None)

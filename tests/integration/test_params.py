@@ -20,6 +20,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from stages.lib.environment import TELEMETRY_OFF
 from stages.lib.project import copy_checkout
 
 from ..conftest import ROOT, run, set_params, stores_env
@@ -53,9 +54,7 @@ def _run_stage(stage: str, workspace: Path) -> subprocess.CompletedProcess:
         "PYTHONPATH": str(ROOT),
         "PATH": "/usr/bin:/bin",
         "HOME": str(workspace.parent),
-        "DVC_NO_ANALYTICS": "1",
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-        "BENTOML_DO_NOT_TRACK": "true",
+        **TELEMETRY_OFF,
     }
     return subprocess.run(
         _command(stage), cwd=workspace, env=env, capture_output=True, text=True, timeout=180

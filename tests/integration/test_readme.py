@@ -43,6 +43,8 @@ from urllib.parse import urlparse
 import pandas as pd
 import pytest
 
+from stages.lib.environment import TELEMETRY_OFF
+
 from ..conftest import GIT_ID, ROOT, copy_workspace, free_port, run, start_server, stop
 from ..readme_blocks import Block, all_blocks, documents
 
@@ -59,9 +61,7 @@ def user_env(home: Path) -> dict[str, str]:
         "PATH": "/usr/bin:/bin",
         "LANG": "C.UTF-8",
         "TMPDIR": os.environ.get("TMPDIR", "/tmp"),
-        "DVC_NO_ANALYTICS": "1",
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-        "BENTOML_DO_NOT_TRACK": "true",
+        **TELEMETRY_OFF,
     }
 
 
