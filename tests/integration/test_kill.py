@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from stages.lib.lifecycle import STOP_SIGNALS
+
 from ..conftest import ROOT, ran_stages, run, set_params, stale_stages, stores_env
 
 pytestmark = pytest.mark.integration
@@ -147,9 +149,13 @@ time.sleep(600)
 )
 def test_signal_mid_store_write_ends_the_run_killed(tmp_path: Path, sig: signal.Signals) -> None:
     env = {**stores_env(tmp_path), "DVC_STAGE": "train"}
+    # Each signal at its default disposition in the stage: a stage keeps an inherited
+    # SIG_IGN on purpose (nohup), and a test run started in the background (`make test &`,
+    # some CI runners) has SIGINT ignored.
     stage = subprocess.Popen(
-        [sys.executable, "-c", MID_WRITE], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True
-    )
+        [sys.executable, "-c", MID_WRITE], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True,
+        preexec_fn=lambda: [signal.signal(s, signal.SIG_DFL) for s in STOP_SIGNALS],
+    )  # fmt: skip
     try:
         run_id = stage.stdout.readline().strip()
         assert run_id, "the stage ended before starting its run"
