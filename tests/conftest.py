@@ -149,7 +149,9 @@ def small_checkout(base: Path) -> tuple[Path, dict[str, str]]:
 def build_workspace(base: Path) -> tuple[Path, dict[str, str]]:
     """A small checkout (own MLflow store and BentoML home) after a real `dvc repro`."""
     ws, env = small_checkout(base)
-    run(["dvc", "repro"], ws, env)
+    # A whole build: minutes on a busy machine (the session's shared one must not fail
+    # on a deadline meant for single commands).
+    run(["dvc", "repro"], ws, env, timeout=1800)
     return ws, env
 
 

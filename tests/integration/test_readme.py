@@ -65,6 +65,21 @@ def user_env(home: Path) -> dict[str, str]:
     }
 
 
+def link_venv(checkout: Path) -> None:
+    """The checkout's `.venv` is this one's, already set up: its `make` targets must not
+    set it up again from a scratch copy (`make setup` reinstalls when requirements.lock or
+    pyproject.toml is newer than .venv/.installed, and `pip install -e .` of a temporary
+    checkout would point the shared venv's packages at a folder about to be deleted)."""
+    (checkout / ".venv").symlink_to(ROOT / ".venv")
+    installed = ROOT / ".venv" / ".installed"
+    if installed.exists():
+        stamp = installed.stat().st_mtime
+        for name in ("requirements.lock", "pyproject.toml"):
+            path = checkout / name
+            when = min(path.stat().st_mtime, stamp)
+            os.utime(path, (when, when))
+
+
 @pytest.fixture(scope="module")
 def project(built, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
     """A small built checkout with its stores inside it, up to date for `.venv/bin/dvc
@@ -73,7 +88,7 @@ def project(built, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict
     ws, _ = copy_workspace(built[0].parent, base)
     for store in ("mlflow.db", "bentoml_home"):  # where a new user's build puts them
         (base / store).rename(ws / store)
-    (ws / ".venv").symlink_to(ROOT / ".venv")
+    link_venv(ws)
     home = base / "home"
     home.mkdir()
     (home / ".gitconfig").write_text("[user]\n\tname = new user\n\temail = user@localhost\n")
@@ -169,7 +184,7 @@ class Blocks:
         if block.mode == "scratch":  # a copy, so the checkout's committed files stay
             cwd = tmp_path / "scratch"
             run(["git", "clone", "-q", str(self.ws), str(cwd)], tmp_path, env)
-            (cwd / ".venv").symlink_to(ROOT / ".venv")
+            link_venv(cwd)
         if SERVICE not in block.text:
             output = run_block(block, cwd, env)
         else:

@@ -73,7 +73,7 @@ def team_workspace(team_server, tmp_path_factory: pytest.TempPathFactory):
     _, uri, _ = team_server
     ws, env = small_checkout(tmp_path_factory.mktemp("team"))
     env = {**env, "MLFLOW_TRACKING_URI": uri}
-    run(["dvc", "repro"], ws, env)
+    run(["dvc", "repro"], ws, env, timeout=1800)  # a whole build
     return ws, env
 
 

@@ -75,7 +75,7 @@ def test_fresh_clone_reproduces_bit_for_bit(origin, tmp_path: Path) -> None:
     committed ones)."""
     ws, _, _ = origin
     clone, env = _clone(ws, tmp_path)
-    result = run(["dvc", "repro"], clone, {**env, **OTHER_KERNELS})
+    result = run(["dvc", "repro"], clone, {**env, **OTHER_KERNELS}, timeout=1800)  # a whole build
     assert "Running stage 'package'" in result.stdout
     assert run(["git", "status", "--porcelain"], clone, env).stdout == ""
 
