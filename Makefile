@@ -12,7 +12,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 # Written once, in stages/lib/environment.py; read (once, after setup) into every command.
 RUN = env $(eval PROJECT_ENV := $$(shell $(BIN)/python -m stages.lib.environment))$(PROJECT_ENV)
 
-.PHONY: setup system-deps run pipeline serve ui up down snapshot test test-unit test-reliability lint bench bench-model bench-ranking bench-serving bench-scale lock clean mlflow-ui push pull k8s-manifests image mlflow-server score
+.PHONY: setup system-deps run pipeline serve ui up down snapshot test test-unit coverage test-reliability lint bench bench-model bench-ranking bench-serving bench-scale lock clean mlflow-ui push pull k8s-manifests image mlflow-server score
 
 setup: $(VENV)/.installed
 
@@ -88,6 +88,24 @@ test: setup system-deps
 # (tests/unit and the packages; no pipeline run, no server, no model search).
 test-unit: setup
 	$(BIN)/python -m pytest -q --ignore=tests/integration
+
+# `make test`'s suite under coverage.py, the processes it starts included (settings and why
+# in pyproject.toml); data in .coverage-data/, the total also in .coverage-data/total.txt.
+# First a pass that only collects the tests, with `source`, so the folders' never-imported
+# files count as 0%. Spark ends the Python workers it reuses with SIGHUP, which coverage
+# can't catch: here reuse is off, so each worker ends with os._exit and saves its data.
+COVERAGE_FOLDERS := stages serving batch monitoring deploy ui bench
+COVERAGE := $(BIN)/python -m coverage
+coverage: setup system-deps
+	rm -rf .coverage-data
+	$(RUN) $(COVERAGE) run --source=$$(echo $(COVERAGE_FOLDERS) | tr ' ' ,) -m pytest -q --collect-only >/dev/null
+	PYSPARK_SUBMIT_ARGS="--conf spark.python.worker.reuse=false pyspark-shell" \
+	  $(RUN) $(COVERAGE) run -m pytest -q; status=$$?; \
+	$(COVERAGE) combine -q && $(COVERAGE) report && \
+	for folder in $(COVERAGE_FOLDERS); do \
+	  echo "$$folder: $$($(COVERAGE) report --include="$$folder/*" --format=total)%"; done && \
+	echo "total: $$($(COVERAGE) report --format=total)%" | tee .coverage-data/total.txt; \
+	exit $$status
 
 # The reliability suite at full size: schemathesis with >= 2,000 cases, a 2-minute soak,
 # the attacks and faults of issue 11; figures in docs/benchmarks/reliability.md.
