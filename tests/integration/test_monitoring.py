@@ -31,7 +31,8 @@ ARTIFACTS = ROOT / "test-artifacts"
 @pytest.mark.integration
 class TestLiveStack:
     @pytest.fixture(scope="class")
-    def stack(self, built, tmp_path_factory) -> Iterator[dict]:
+    @classmethod
+    def stack(cls, built, tmp_path_factory) -> Iterator[dict]:
         """The shared build's Bento (its own BentoML home) scraped by a real Prometheus."""
         prometheus = system_tool("prometheus")
         base = tmp_path_factory.mktemp("monitoring")
@@ -74,7 +75,8 @@ class TestLiveStack:
             time.sleep(1)
 
     @pytest.fixture(scope="class")
-    def load(self, stack) -> dict:
+    @classmethod
+    def load(cls, stack) -> dict:
         """A bounded mixed load: good batches of several sizes and some bad requests. What
         was sent; a test that sends more adds it here, so the counts hold in any order."""
         rows = pd.read_parquet(stack["workspace"] / "data/split/test.parquet")
