@@ -12,8 +12,15 @@ In order, for POST /predict and /predict_file:
 6. a scoring slot, taken only now that the body has arrived (429 with Retry-After when
    all are busy): slow uploads hold no slot, so they cannot lock scoring out.
 
-Also two path aliases: `/schema` answers as `/schema/` (not a redirect that echoes the
-Host header) and `/docs` as the docs page at `/`.
+Before any of that, for every request: the header block within MAX_HEADERS and
+MAX_HEADER_BYTES (431), a body framed one way only (Content-Length and Transfer-Encoding
+together, or two Content-Lengths, are refused and the connection closed, as RFC 9112
+section 6.3 asks: a proxy in front may have read the body the other way), and at most
+one Authorization header (400: which one a proxy checked is anyone's guess).
+
+No answer redirects to a Location built from the client's Host header: `/schema` answers
+as `/schema/`, `/docs` as the docs page at `/`, `/predict/` as `/predict`, and any other
+redirect's Location is cut to its path.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Any
+from urllib.parse import urlsplit
 
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.responses import JSONResponse
@@ -36,6 +44,11 @@ MAX_PARTS = 8
 MAX_FIELD_BYTES = 1024  # a text field (output_format, threshold)
 MAX_FILENAME_BYTES = 255
 ALIASES = {"/schema": "/schema/", "/docs": "/"}
+# Browsers send ~10-20 headers and under 8 KiB; h11 already stops a block that arrives in
+# pieces at 16 KiB, these also hold for one sent in a single write.
+MAX_HEADERS = 64
+MAX_HEADER_BYTES = 16 * 1024
+REDIRECTS = (301, 302, 303, 307, 308)
 
 
 @dataclass(frozen=True)
@@ -163,6 +176,45 @@ def _check_parts(parts: list[dict[str, Any]], fields: tuple[str, ...]) -> None:
         raise _malformed("no 'file' part")
 
 
+def framing_problem(headers: list[tuple[bytes, bytes]]) -> RequestError | None:
+    """What is wrong with a request's header block as a whole, or None."""
+    size = sum(len(name) + len(value) + 4 for name, value in headers)
+    if len(headers) > MAX_HEADERS or size > MAX_HEADER_BYTES:
+        return RequestError(431, "header-fields", f"the request has {len(headers)} header "
+                            f"fields, {size} bytes; the limits are {MAX_HEADERS} fields and "
+                            f"{MAX_HEADER_BYTES} bytes")  # fmt: skip
+    names = [name.lower() for name, _ in headers]
+    if b"transfer-encoding" in names and b"content-length" in names:
+        return RequestError(400, "framing", "Content-Length and Transfer-Encoding sent "
+                            "together; send one")  # fmt: skip
+    for name in (b"content-length", b"authorization"):
+        if names.count(name) > 1:
+            return RequestError(400, "framing", f"the {name.decode()} header is sent more "
+                                "than once")  # fmt: skip
+    return None
+
+
+def relative_redirects(send: Callable) -> Callable:
+    """An ASGI send that cuts a redirect's Location to its path and query: Starlette builds
+    it from the Host header, which the client chose."""
+
+    async def send_relative(message: dict) -> None:
+        if message["type"] == "http.response.start" and message["status"] in REDIRECTS:
+            message = {**message, "headers": [
+                (name, _path_only(value) if name.lower() == b"location" else value)
+                for name, value in message.get("headers", [])
+            ]}  # fmt: skip
+        await send(message)
+
+    return send_relative
+
+
+def _path_only(location: bytes) -> bytes:
+    parts = urlsplit(location.decode("latin-1"))
+    path = "/" + parts.path.lstrip("/")  # never "//host": that is a Host again
+    return (path + (f"?{parts.query}" if parts.query else "")).encode("latin-1")
+
+
 def _authorized(headers: dict[bytes, bytes], key: str | None) -> bool:
     if key is None:
         return True
@@ -185,12 +237,17 @@ class RequestGate:
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        problem = framing_problem(scope.get("headers") or [])
+        if problem is not None:
+            return await self._refuse(scope, receive, send, problem)
+        send = relative_redirects(send)
         path = scope.get("path", "")
         if path in ALIASES and scope.get("method") in ("GET", "HEAD"):
-            scope = {**scope, "path": ALIASES[path], "raw_path": ALIASES[path].encode()}
+            scope = _at(scope, ALIASES[path])
         rule = self.routes.get(path.rstrip("/"))
         if rule is None or scope.get("method") != "POST":
             return await self.app(scope, receive, send)
+        scope = _at(scope, path.rstrip("/"))  # /predict/ is /predict, not a redirect
         try:
             spool = await self._admit_body(scope, receive, rule)
         except RequestError as refused:
@@ -231,14 +288,18 @@ class RequestGate:
     async def _refuse(self, scope: dict, receive: Any, send: Any, refused: RequestError) -> None:
         self.on_refused(refused.body["rule"])
         headers = {"Retry-After": str(self.retry_after)} if refused.status == 429 else None
-        if refused.status in (408, 413):
-            headers = {"Connection": "close"}  # the rest of the body is not read
+        if refused.status in (408, 413, 431) or refused.body["rule"] == "framing":
+            headers = {"Connection": "close"}  # the body is not read (or not trusted)
         response = JSONResponse(
             refused.body,
             status_code=refused.status,
             headers=headers,
         )
         await response(scope, receive, send)
+
+
+def _at(scope: dict, path: str) -> dict:
+    return {**scope, "path": path, "raw_path": path.encode()}
 
 
 def _replay(spool: IO[bytes], receive: Callable) -> Callable:

@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from serving.gate import MAX_FIELD_BYTES, RequestGate, RouteRule
+from serving.gate import MAX_FIELD_BYTES, MAX_HEADERS, RequestGate, RouteRule
 
 KEY = "s3cret-key"
 
@@ -29,6 +29,7 @@ APP = Starlette(
         Route("/predict", _echo, methods=["POST"]),
         Route("/predict_file", _echo, methods=["POST"]),
         Route("/schema/", _echo, methods=["GET"]),
+        Route("/other", _echo, methods=["GET"]),
     ]
 )
 
@@ -134,6 +135,61 @@ def test_schema_alias_answers_without_a_redirect() -> None:
     app, _ = gate()
     answer = send(app, "GET", "/schema", headers={"host": "evil.example"})
     assert answer.status_code == 200 and answer.json()["path"] == "/schema/"
+
+
+def test_a_trailing_slash_is_the_route_itself_and_no_redirect_echoes_the_host() -> None:
+    app, _ = gate()
+    json_type = {"content-type": "application/json", "host": "evil.example"}
+    answer = send(app, "POST", "/predict/", content=b"{}", headers=json_type)
+    assert answer.status_code == 200 and answer.json()["path"] == "/predict"
+    # Any other redirect (Starlette's own, for a slash) points at a path, not at a host.
+    answer = send(app, "GET", "/other/?a=1", headers={"host": "evil.example"})
+    assert answer.status_code == 307 and answer.headers["location"] == "/other?a=1"
+
+
+def raw(app: RequestGate, headers: list[tuple[bytes, bytes]], path: str = "/predict") -> dict:
+    """One request with exactly these header fields (httpx would tidy them): the status,
+    the response headers and the body of the answer."""
+    scope = {"type": "http", "method": "POST", "path": path, "raw_path": path.encode(),
+             "headers": headers, "query_string": b"", "http_version": "1.1"}  # fmt: skip
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    async def record(message: dict) -> None:
+        sent.append(message)
+
+    asyncio.run(app(scope, receive, record))
+    start = sent[0]
+    body = b"".join(m.get("body", b"") for m in sent[1:])
+    return {"status": start["status"], "headers": dict(start["headers"]), "body": body}
+
+
+JSON = (b"content-type", b"application/json")
+
+
+@pytest.mark.parametrize(
+    ("headers", "status", "message"),
+    [
+        ([JSON, (b"content-length", b"2"), (b"transfer-encoding", b"chunked")], 400,
+         "Content-Length and Transfer-Encoding"),
+        ([JSON, (b"content-length", b"2"), (b"content-length", b"2")], 400, "content-length"),
+        ([JSON, (b"authorization", b"Bearer a"), (b"authorization", b"Bearer b")], 400,
+         "authorization header is sent more than once"),
+        ([JSON] + [(b"x-h%d" % i, b"1") for i in range(MAX_HEADERS)], 431, "header fields"),
+        ([JSON, (b"x-big", b"a" * 17_000)], 431, "header fields"),
+    ],
+)  # fmt: skip
+def test_ambiguous_framing_and_oversized_header_blocks_are_refused_and_closed(
+    headers: list, status: int, message: str
+) -> None:
+    app, refused = gate(api_key=KEY)  # before the key: framing is checked for everyone
+    answer = raw(app, headers)
+    assert answer["status"] == status
+    assert message in json.loads(answer["body"])["error"]
+    assert answer["headers"][b"connection"] == b"close"
+    assert refused == [json.loads(answer["body"])["rule"]]
 
 
 def _multipart(*parts: tuple[str, str | None, bytes]) -> tuple[bytes, dict[str, str]]:
