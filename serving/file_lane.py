@@ -32,12 +32,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import psutil
 
 from serving.contract import Contract
 from serving.runtime import Runtime, load_runtime
-from serving.scoring import RequestError, read_upload, score, validate, write_table
+from serving.scoring import RequestError, read_upload, score, validate, with_scores, write_table
 from serving.settings import Settings
 
 NICENESS = 10  # files are background work next to single transactions
@@ -108,7 +107,7 @@ def score_file_with(
         _stop_if(cancelled)
     except RequestError as exc:
         return {"error": exc.status, "body": exc.body}
-    result = pd.concat([frame.reset_index(drop=True), scored], axis=1)
+    result = with_scores(frame, scored)
     payload, media = write_table(result, request.output_format)
     Path(request.out_path).write_bytes(payload)
     drift = {name: features[name].to_numpy() for name in contract.reference.features}

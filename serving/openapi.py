@@ -27,8 +27,10 @@ ERROR = {
         "rows": {
             "type": "array",
             "items": {"type": "integer", "minimum": 0},
-            "description": "0-based positions of the first offending rows",
+            "maxItems": 5,
+            "description": "0-based positions of the first offending rows (at most 5)",
         },  # fmt: skip
+        "rows_total": {"type": "integer", "minimum": 1, "description": "how many rows break it"},
         "request_id": {"type": "string"},
         "detail": {
             "type": "array",

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from serving import scoring
+from serving import parquet_upload, scoring
 from serving.contract import Column, InputSchema
 from stages.lib.contract import feature_ranges
 from stages.lib.schema import FEATURES
@@ -190,7 +190,7 @@ def test_file_mistakes_are_named(name, data, status, rule, column) -> None:
 @pytest.mark.reliability
 def test_parquet_bomb_refused_from_its_footer(monkeypatch) -> None:
     """A small file whose text inflates past the cap is refused before decompressing."""
-    monkeypatch.setattr(scoring, "MAX_DECOMPRESSED_BYTES", 10 * 1024 * 1024)
+    monkeypatch.setattr(parquet_upload.read_bounded, "__defaults__", (10 * 1024 * 1024,))
     bomb = _parquet(TABLE.append_column("S", pa.array(["x" * (20 * 1024 * 1024), "", ""])))
     assert len(bomb) < 1024 * 1024
     with pytest.raises(scoring.RequestError) as caught:
