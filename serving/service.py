@@ -8,7 +8,6 @@ arguments (`model_tag`); nothing here imports the training code.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
 import tempfile
@@ -30,7 +29,7 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from serving import logs, metrics
-from serving.contract import Contract, ContractError, Limits, PublishedContract
+from serving.contract import Limits, PublishedContract
 from serving.drift import DriftWindow
 from serving.file_lane import FileLane, FileRequest, Scorer, score_file_with
 from serving.gate import RequestGate, RouteRule
@@ -38,6 +37,7 @@ from serving.logs import ClientErrorsWithoutValues
 from serving.openapi import PublishedSchema
 from serving.runtime import load_runtime
 from serving.scoring import RequestError, score, validate_records
+from serving.sealed import check_fits, open_sealed, refuse
 from serving.settings import Settings
 
 # Under "bentoml": the server only prints its own loggers' records (ours were dropped).
@@ -59,36 +59,14 @@ ARGS = bentoml.use_arguments(BentoArgs)
 SETTINGS = Settings.load()
 
 MODEL = bentoml.models.BentoModel(ARGS.model_tag)
-STORED_MODEL = MODEL.resolve()
+# Every file checked against the seal, the contract parsed, the model fitted to it: any
+# problem stops the start here (in every process) with one line (sealed.py).
+STORED_MODEL, CONTRACT = open_sealed(MODEL)
 try:
-    CONTRACT = Contract.read(STORED_MODEL.path_of("contract.json"))
-except ContractError as exc:
-    raise SystemExit(f"fraud_scoring: {exc}") from None
+    check_fits(load_runtime(SETTINGS.runtime, CONTRACT.runtime, STORED_MODEL.path_of, 1), CONTRACT)
+except RuntimeError as exc:  # FRAUD_RUNTIME=onnx for a model with no compiled form
+    raise refuse(str(exc)) from None
 LINEAGE = CONTRACT.lineage
-
-
-def _check_model_files() -> None:
-    """Refuse to start, in one line naming the file and the cause, when a model file is
-    not the one the package stage verified. A truncated model.pkl used to make workers
-    restart in a loop with a bare EOFError while the port accepted connections."""
-    expected = {"model.pkl": LINEAGE.model_md5}
-    compiled = CONTRACT.runtime.onnx
-    if compiled is not None:
-        expected[compiled.file] = compiled.md5
-    for name, md5 in expected.items():
-        path = Path(STORED_MODEL.path_of(name))
-        try:
-            actual = hashlib.md5(path.read_bytes()).hexdigest()
-        except OSError as exc:
-            raise SystemExit(f"fraud_scoring: cannot read {path}: {exc.strerror}") from None
-        if actual != md5:
-            raise SystemExit(
-                f"fraud_scoring: {path} is corrupt or replaced (md5 {actual}, the contract "
-                f"says {md5}); rebuild the Bento with `dvc repro package`"
-            )
-
-
-_check_model_files()
 metrics.REFERENCE_FLAGGED_RATIO.set(CONTRACT.reference.flagged_ratio)
 
 

@@ -21,6 +21,7 @@ import pandas as pd
 import yaml
 
 from serving.contract import CompiledSpec, Contract, Lineage, Runtime
+from serving.sealed import SEAL
 from stages.lib.compiled import INPUT, OUTPUT, NotCompilable, compile_model, verify
 from stages.lib.contract import build_contract
 from stages.lib.modeling import fraud_probability, load_model
@@ -140,7 +141,12 @@ def store_model(tag_name: str, model_file: Path, contract: Contract, compiled: b
     from bentoml.exceptions import NotFound
 
     contract_bytes = contract.to_json()
-    tag = f"{tag_name}:" + content_version(model_file.read_bytes(), contract_bytes, compiled or b"")
+    files = {"model.pkl": model_file.read_bytes(), "contract.json": contract_bytes}
+    if compiled is not None:
+        files[contract.runtime.onnx.file] = compiled
+    # model.yaml pins every file the service loads (serving/sealed.py checks it first).
+    seal = {name: hashlib.md5(data).hexdigest() for name, data in files.items()}
+    tag = f"{tag_name}:" + content_version(*files.values(), SEAL.encode())
     try:
         return bentoml.models.get(tag)
     except NotFound:
@@ -149,12 +155,10 @@ def store_model(tag_name: str, model_file: Path, contract: Contract, compiled: b
     with bentoml.models.create(
         tag,
         labels={"registered_model": lineage.registered_model, "model_md5": lineage.model_md5},
-        metadata={"threshold": contract.threshold},
+        metadata={"threshold": contract.threshold, SEAL: seal},
     ) as stored:
-        shutil.copyfile(model_file, stored.path_of("model.pkl"))
-        Path(stored.path_of("contract.json")).write_bytes(contract_bytes)
-        if compiled is not None:
-            Path(stored.path_of("model.onnx")).write_bytes(compiled)
+        for name, data in files.items():
+            Path(stored.path_of(name)).write_bytes(data)
     return stored
 
 
