@@ -28,7 +28,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from serving import logs, metrics
+from serving import connections, logs, metrics
 from serving.contract import Limits, PublishedContract
 from serving.drift import DriftWindow
 from serving.file_lane import FileLane, FileRequest, Scorer, score_file_with
@@ -57,6 +57,8 @@ class BentoArgs(BaseModel):
 
 ARGS = bentoml.use_arguments(BentoArgs)
 SETTINGS = Settings.load()
+# Silent or slow sockets are closed, and a worker keeps its connections under a cap.
+connections.install(SETTINGS.header_seconds, SETTINGS.max_connections)
 
 MODEL = bentoml.models.BentoModel(ARGS.model_tag)
 # Every file checked against the seal, the contract parsed, the model fitted to it: any

@@ -29,6 +29,12 @@ class Settings(BaseSettings):
     # a request body must arrive within this (else 408)
     body_seconds: float = Field(30.0, gt=0, validation_alias="FRAUD_BODY_TIMEOUT_S")
     max_in_flight: int = Field(128, gt=0)  # scoring requests per worker once bodies arrived
+    # A request's header block must arrive within this, counted from the connection (or
+    # the previous answer on it): silent and slowloris sockets are closed (408).
+    header_seconds: float = Field(10.0, gt=0, validation_alias="FRAUD_HEADER_TIMEOUT_S")
+    # Open connections per worker; past it the longest-idle one is closed for the new one
+    # (or, with none idle, the new one gets 503). Also kept below the open-file limit.
+    max_connections: int = Field(512, gt=0)
     unknown_columns: Literal["ignore", "reject"] = "ignore"
     drift_window_rows: int = Field(20_000, gt=0)
     # when set, scoring needs "Authorization: Bearer <key>"; never in a repr or a log
