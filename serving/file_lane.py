@@ -35,6 +35,7 @@ import numpy as np
 import psutil
 
 from serving.contract import Contract
+from serving.memory import give_back
 from serving.runtime import Runtime, load_runtime
 from serving.scoring import RequestError, read_upload, score, validate, with_scores, write_table
 from serving.settings import Settings
@@ -83,8 +84,12 @@ def cancel_marker(out_path: str | Path) -> Path:
 
 
 def score_file(request: FileRequest) -> dict[str, Any]:
-    """In the child: the whole file request, dropped between steps if its client left."""
-    return score_file_with(_CHILD["scorer"], request, cancel_marker(request.out_path).exists)
+    """In the child: the whole file request, dropped between steps if its client left;
+    then the memory it took goes back to the system (files here are the big ones)."""
+    try:
+        return score_file_with(_CHILD["scorer"], request, cancel_marker(request.out_path).exists)
+    finally:
+        give_back()
 
 
 def score_file_with(

@@ -88,6 +88,43 @@ async def read_body(receive: Callable, max_bytes: int, seconds: float) -> IO[byt
     return spool
 
 
+class _PartHeads:
+    """The multipart parser's callbacks: each part's Content-Disposition and data size."""
+
+    def __init__(self) -> None:
+        self.parts: list[dict[str, Any]] = []
+        self.header: dict[str, bytes] = {}
+        self.ended = False
+
+    def callbacks(self) -> dict[str, Callable]:
+        return {
+            "on_part_begin": self.part_begin,
+            "on_header_field": lambda data, start, end: self._add("field", data[start:end]),
+            "on_header_value": lambda data, start, end: self._add("value", data[start:end]),
+            "on_header_end": self.header_end,
+            "on_part_data": self.part_data,
+            "on_end": lambda: setattr(self, "ended", True),
+        }
+
+    def part_begin(self) -> None:
+        if len(self.parts) >= MAX_PARTS:
+            raise _malformed(f"more than {MAX_PARTS} parts")
+        self.parts.append({"size": 0})
+        self.header.clear()
+
+    def _add(self, key: str, data: bytes) -> None:
+        self.header[key] = self.header.get(key, b"") + data
+
+    def header_end(self) -> None:
+        if self.header.get("field", b"").lower() == b"content-disposition":
+            kind, params = parse_options_header(self.header.get("value", b""))
+            self.parts[-1].update(kind=kind, params=params)
+        self.header.clear()
+
+    def part_data(self, data: bytes, start: int, end: int) -> None:
+        self.parts[-1]["size"] += end - start
+
+
 def check_multipart(spool: IO[bytes], content_type: bytes, fields: tuple[str, ...]) -> None:
     """Refuse a multipart body BentoML's form parser would choke on (or answer with 500).
     Reads the spooled body once, keeping nothing but part headers."""
@@ -95,42 +132,8 @@ def check_multipart(spool: IO[bytes], content_type: bytes, fields: tuple[str, ..
     boundary = options.get(b"boundary")
     if not boundary:
         raise _malformed("the multipart body has no boundary")
-    parts: list[dict[str, Any]] = []
-    header: dict[str, bytes] = {}
-
-    def on_part_begin() -> None:
-        if len(parts) >= MAX_PARTS:
-            raise _malformed(f"more than {MAX_PARTS} parts")
-        parts.append({"size": 0})
-        header.clear()
-
-    def on_header_field(data: bytes, start: int, end: int) -> None:
-        header["field"] = header.get("field", b"") + data[start:end]
-
-    def on_header_value(data: bytes, start: int, end: int) -> None:
-        header["value"] = header.get("value", b"") + data[start:end]
-
-    def on_header_end() -> None:
-        if header.get("field", b"").lower() == b"content-disposition":
-            kind, params = parse_options_header(header.get("value", b""))
-            parts[-1].update(kind=kind, params=params)
-        header.clear()
-
-    def on_part_data(data: bytes, start: int, end: int) -> None:
-        parts[-1]["size"] += end - start
-
-    state = {"ended": False}
-    parser = MultipartParser(
-        boundary,
-        {
-            "on_part_begin": on_part_begin,
-            "on_header_field": on_header_field,
-            "on_header_value": on_header_value,
-            "on_header_end": on_header_end,
-            "on_part_data": on_part_data,
-            "on_end": lambda: state.update(ended=True),
-        },
-    )
+    heads = _PartHeads()
+    parser = MultipartParser(boundary, heads.callbacks())
     try:
         while chunk := spool.read(CHUNK):
             parser.write(chunk)
@@ -141,9 +144,9 @@ def check_multipart(spool: IO[bytes], content_type: bytes, fields: tuple[str, ..
         raise _malformed("the multipart body is malformed") from None
     finally:
         spool.seek(0)
-    if not state["ended"]:
+    if not heads.ended:
         raise _malformed("the multipart body is incomplete (no final boundary)")
-    _check_parts(parts, fields)
+    _check_parts(heads.parts, fields)
 
 
 def _malformed(message: str) -> RequestError:

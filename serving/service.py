@@ -34,6 +34,7 @@ from serving.drift import DriftWindow
 from serving.file_lane import FileLane, FileRequest, Scorer, score_file_with
 from serving.gate import RequestGate, RouteRule
 from serving.logs import ClientErrorsWithoutValues
+from serving.memory import BIG_ROWS, give_back_soon
 from serving.openapi import PublishedSchema
 from serving.runtime import load_runtime
 from serving.scoring import RequestError, score, validate_records
@@ -211,6 +212,8 @@ class FraudScoring:
     ) -> dict[str, Any]:
         """Score a JSON batch: one result per transaction, in input order."""
         request_id = uuid.uuid4().hex[:12]
+        if len(transactions) >= BIG_ROWS:
+            give_back_soon()  # a big body's objects, freed after the answer
         try:
             cut = self._check_threshold(threshold)
             if len(transactions) > SETTINGS.max_json_rows:
@@ -259,14 +262,7 @@ class FraudScoring:
                     f"the file has {size} bytes; the limit is {SETTINGS.max_bytes}",
                 )
             job = FileRequest(str(file), getattr(file, "name", None), output_format, cut, str(out))
-            if size < SETTINGS.lane_min_bytes:
-                # A small file costs less here than the trip to the lane.
-                scorer = Scorer(CONTRACT, SETTINGS, self.runtime)
-                outcome = await asyncio.to_thread(score_file_with, scorer, job)
-            else:
-                outcome = await self._in_lane(ctx, job)
-            if "error" in outcome:
-                raise RequestError.from_body(outcome["error"], outcome["body"])
+            outcome = await self._score_upload(ctx, job, size)
         except RequestError as exc:
             out.unlink(missing_ok=True)
             return self._reject(ctx, exc, request_id)
@@ -288,6 +284,19 @@ class FraudScoring:
             headers=headers,
             background=BackgroundTask(out.unlink, missing_ok=True),
         )
+
+    async def _score_upload(self, ctx: bentoml.Context, job: FileRequest, size: int) -> dict:
+        """The file's outcome, from the worker itself for a small file (cheaper than the
+        trip to the lane) or from the file lane; a refusal raises RequestError."""
+        if size < SETTINGS.lane_min_bytes:
+            scorer = Scorer(CONTRACT, SETTINGS, self.runtime)
+            outcome = await asyncio.to_thread(score_file_with, scorer, job)
+            give_back_soon()
+        else:
+            outcome = await self._in_lane(ctx, job)
+        if "error" in outcome:
+            raise RequestError.from_body(outcome["error"], outcome["body"])
+        return outcome
 
     async def _in_lane(self, ctx: bentoml.Context, job: FileRequest) -> dict[str, Any]:
         """Run a file job in the lane. If its client leaves, a queued job is cancelled and a
