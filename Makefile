@@ -113,7 +113,8 @@ test-reliability: setup
 	rm -f bench/results/reliability.json
 	FRAUD_FUZZ_EXAMPLES=1000 FRAUD_SOAK_SECONDS=120 \
 	  FRAUD_RELIABILITY_REPORT=$(CURDIR)/bench/results/reliability.json \
-	  $(RUN) $(BIN)/python -m pytest -q -m reliability tests/integration/test_service.py tests/unit/test_serving_validation.py
+	  $(RUN) $(BIN)/python -m pytest -q -m reliability tests/integration/test_service.py tests/integration/test_hostile.py \
+	  tests/unit/test_serving_validation.py tests/unit/test_hostile_inputs.py tests/unit/test_connections.py
 	$(RUN) $(BIN)/python -m bench.reliability
 
 lint: setup

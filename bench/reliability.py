@@ -60,7 +60,32 @@ def render(runs: dict) -> str:
                      f"{soak['rss_end_mb']} MB ({soak['rss_growth']:+.1%}); rows scored "
                      f"{soak['rows_scored']:,} = counter {soak['counter_delta']:,.0f} | RSS "
                      "growth < 10%, counters exact |")  # fmt: skip
+    lines += _hostile_rows(runs)
     return "\n".join(lines) + "\n"
+
+
+# Round two's cases (tests/integration/test_hostile.py record a `case` and its figures).
+HOSTILE_GOALS = {
+    "test_errors_about_many_items_stay_small": "4xx, small body, bounded worker memory",
+    "test_a_parquet_dictionary_bomb_is_refused_without_expanding": "413 before it expands",
+    "test_idle_and_slow_sockets_cannot_starve_the_service": (
+        "normal requests served; idle sockets closed at the header deadline"
+    ),
+    "test_memory_goes_back_after_a_burst": "idle <= 1.5x the ready size within 60 s",
+}
+
+
+def _hostile_rows(runs: dict) -> list[str]:
+    rows = []
+    for name, goal in HOSTILE_GOALS.items():
+        figures = dict(runs.get(name) or {})
+        if figures:
+            case = figures.pop("case", name)
+            measured = ", ".join(
+                f"{key.replace('_', ' ')} {value}" for key, value in figures.items()
+            )
+            rows.append(f"| {case} | {measured} | {goal} |")
+    return rows
 
 
 if __name__ == "__main__":
