@@ -29,9 +29,9 @@ from pydantic_core import PydanticCustomError
 
 from stages.lib.schema import FEATURES
 
-# The allowed values, as the code that uses them spells them (tests/test_params.py checks
-# these against validation.DUPLICATE_POLICIES, splitting.STRATEGIES, modeling.MODELS,
-# modeling.CALIBRATIONS and search.SPACES, so the two cannot drift apart).
+# The allowed values, as the code that uses them spells them (tests/unit/test_params_schema.py
+# checks these against validation.DUPLICATE_POLICIES, splitting.STRATEGIES,
+# modeling.MODELS, modeling.CALIBRATIONS and search.SPACES, so the two cannot drift apart).
 DuplicatePolicy = Literal["drop", "keep", "fail"]
 Strategy = Literal["time", "stratified"]
 Family = Literal["logreg", "hgb", "random_forest", "extra_trees", "lightgbm"]
