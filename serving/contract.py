@@ -22,6 +22,11 @@ SCORE_EDGES = (0.0, 1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 0.6, 1.0)
 # with their MLflow signature types.
 OUTPUT_TYPES = {"fraud_probability": "double", "is_fraud": "boolean", "risk_band": "string"}
 OUTPUT_COLUMNS = tuple(OUTPUT_TYPES)
+# A transaction's id: the client's (JSON field, file column, or a Parquet file's index), or
+# "<request id>:<row>" assigned by the service; echoed in every output, the key of the
+# decision log and of the labels that come back.
+ID_COLUMN = "transaction_id"
+ID_RULE = "1 to 64 characters of A-Z a-z 0-9 . _ : - (or an integer)"
 
 
 class ContractError(ValueError):

@@ -34,7 +34,8 @@ from typing import Any
 import numpy as np
 import psutil
 
-from serving.contract import Contract
+from serving.contract import ID_COLUMN, Contract
+from serving.ids import file_ids, transaction_ids
 from serving.memory import give_back
 from serving.runtime import Runtime, load_runtime
 from serving.scoring import RequestError, read_upload, score, validate, with_scores, write_table
@@ -50,13 +51,15 @@ log = logging.getLogger("bentoml.fraud_scoring")
 @dataclass(frozen=True)
 class FileRequest:
     """One uploaded file to score: where it is, its client-given name (for the type), the
-    output format, the threshold and where the scored copy goes."""
+    output format, the threshold, where the scored copy goes, and the request's id (rows
+    without a transaction id get `<request id>:<row>`)."""
 
     upload: str
     filename: str | None
     output_format: str
     threshold: float
     out_path: str
+    request_id: str = "file"
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,7 @@ def score_file_with(
         frame = read_upload(Path(request.upload).read_bytes(), request.filename)
         _stop_if(cancelled)
         features = validate(frame, contract, settings.unknown_columns, settings.max_rows)
+        ids = transaction_ids(file_ids(frame), len(frame), request.request_id)
         _stop_if(cancelled)
         start = time.perf_counter()
         probability = scorer.runtime.probability
@@ -113,6 +117,10 @@ def score_file_with(
     except RequestError as exc:
         return {"error": exc.status, "body": exc.body}
     result = with_scores(frame, scored)
+    if ID_COLUMN in result.columns:
+        result[ID_COLUMN] = ids  # the client's ids, with the missing ones assigned
+    else:
+        result.insert(0, ID_COLUMN, ids)
     payload, media = write_table(result, request.output_format)
     Path(request.out_path).write_bytes(payload)
     drift = {name: features[name].to_numpy() for name in contract.reference.features}

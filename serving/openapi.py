@@ -14,7 +14,7 @@ from typing import Any
 
 from starlette.responses import JSONResponse
 
-from serving.contract import Contract, InputSchema
+from serving.contract import ID_COLUMN, Contract, InputSchema
 from serving.settings import Settings
 
 ERROR = {
@@ -113,8 +113,9 @@ def _describe_predict(predict: dict[str, Any], contract: Contract, settings: Set
         "properties": {
             "predictions": {"type": "array", "items": {
                 "type": "object",
-                "required": ["fraud_probability", "is_fraud", "risk_band"],
+                "required": [ID_COLUMN, "fraud_probability", "is_fraud", "risk_band"],
                 "properties": {
+                    ID_COLUMN: {"type": "string", "description": "the client's, or assigned"},
                     "fraud_probability": {"type": "number", "minimum": 0, "maximum": 1},
                     "is_fraud": {"type": "boolean"},
                     "risk_band": {"type": "string",

@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
-from serving.contract import OUTPUT_COLUMNS, Column, InputSchema, RiskBand
+from serving.contract import ID_COLUMN, OUTPUT_COLUMNS, Column, InputSchema, RiskBand
 from serving.errors import EXAMPLE_ROWS, RequestError
 from serving.parquet_upload import read_bounded
 
@@ -59,7 +59,10 @@ def read_upload(data: bytes, filename: str | None) -> pd.DataFrame:
 
     try:
         table = pa_csv.read_csv(
-            io.BytesIO(data), parse_options=pa_csv.ParseOptions(invalid_row_handler=note_broken_row)
+            io.BytesIO(data),
+            parse_options=pa_csv.ParseOptions(invalid_row_handler=note_broken_row),
+            # ids stay as written ("007" is not 7)
+            convert_options=pa_csv.ConvertOptions(column_types={ID_COLUMN: pa.string()}),
         )
     except (pa.ArrowInvalid, pa.ArrowException) as exc:
         reason = str(exc).split(":", 1)[0]
@@ -146,7 +149,7 @@ def _shape_problems(
     if missing:
         message = f"required columns are missing: {', '.join(missing)}"
         found.append(RequestError(400, "missing-columns", message, column=missing[0]))
-    allowed = set(names) | set(contract.ignored_columns)
+    allowed = set(names) | set(contract.ignored_columns) | {ID_COLUMN}
     unknown = [str(c) for c in frame.columns if c not in allowed]
     if unknown and unknown_columns == "reject":
         message = f"columns not in the model's contract: {', '.join(unknown)}"
@@ -187,7 +190,7 @@ def validate_records(
     the same either way."""
     features = contract.features
     names = contract.feature_names
-    allowed = set(names) | set(contract.ignored_columns)
+    allowed = set(names) | set(contract.ignored_columns) | {ID_COLUMN}
     _check_objects(records)
     fast = 0 < len(records) <= (max_rows or len(records)) and all(
         isinstance(r, dict) and (unknown_columns != "reject" or r.keys() <= allowed)

@@ -29,10 +29,11 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from serving import connections, logs, metrics
-from serving.contract import Limits, PublishedContract
+from serving.contract import ID_COLUMN, Limits, PublishedContract
 from serving.drift import DriftWindow
 from serving.file_lane import FileLane, FileRequest, Scorer, score_file_with
 from serving.gate import RequestGate, RouteRule
+from serving.ids import transaction_ids
 from serving.logs import ClientErrorsWithoutValues
 from serving.memory import BIG_ROWS, give_back_soon
 from serving.openapi import PublishedSchema
@@ -226,15 +227,16 @@ class FraudScoring:
             features = validate_records(
                 transactions, CONTRACT, SETTINGS.unknown_columns, SETTINGS.max_json_rows
             )
+            given = [r.get(ID_COLUMN) for r in transactions]
+            ids = transaction_ids(given if any(v is not None for v in given) else None,
+                                  len(transactions), request_id)  # fmt: skip
             scored = self._score(features, cut)
         except RequestError as exc:
             return self._reject(ctx, exc, request_id)
         log.info("request %s scored %d rows", request_id, len(scored))
-        names = ("fraud_probability", "is_fraud", "risk_band")
-        predictions = [
-            dict(zip(names, row, strict=True))
-            for row in zip(*(scored[c].tolist() for c in names), strict=True)
-        ]
+        names = (ID_COLUMN, "fraud_probability", "is_fraud", "risk_band")
+        columns = [ids.tolist(), *(scored[c].tolist() for c in names[1:])]
+        predictions = [dict(zip(names, row, strict=True)) for row in zip(*columns, strict=True)]
         # A Response goes out as it is; a dict would make BentoML rebuild the output's
         # JSON schema on every call to pick a media type (~15% of a one-row request).
         return JSONResponse({"predictions": predictions, **self._meta(cut, request_id)})
@@ -261,7 +263,8 @@ class FraudScoring:
                     "max-bytes",
                     f"the file has {size} bytes; the limit is {SETTINGS.max_bytes}",
                 )
-            job = FileRequest(str(file), getattr(file, "name", None), output_format, cut, str(out))
+            name = getattr(file, "name", None)
+            job = FileRequest(str(file), name, output_format, cut, str(out), request_id)
             outcome = await self._score_upload(ctx, job, size)
         except RequestError as exc:
             out.unlink(missing_ok=True)

@@ -179,6 +179,27 @@ def test_row_identity_passes_through_every_output(served) -> None:
     answer = requests.post(f"{url}/predict_file", headers=AUTH, timeout=60,
                            files={"file": ("t.csv", csv)})  # fmt: skip
     assert pd.read_csv(io.BytesIO(answer.content))["transaction_id"].tolist() == ["a1", "b2", "c3"]
+    # Without ids, each row gets `<request id>:<row>`, first in the file and in JSON.
+    plain = requests.post(
+        f"{url}/predict_file",
+        headers=AUTH,
+        timeout=60,
+        files={"file": ("p.csv", rows.head(2).to_csv(index=False).encode())},
+    )
+    request_id = plain.headers["x-request-id"]
+    back = pd.read_csv(io.BytesIO(plain.content))
+    assert back.columns[0] == "transaction_id"
+    assert back["transaction_id"].tolist() == [f"{request_id}:0", f"{request_id}:1"]
+    records = rows.head(3).to_dict(orient="records")
+    records[0]["transaction_id"] = "given-0"
+    body = requests.post(f"{url}/predict", json={"transactions": records}, headers=AUTH,
+                         timeout=30).json()  # fmt: skip
+    assert [p["transaction_id"] for p in body["predictions"]] == [
+        "given-0", f"{body['request_id']}:1", f"{body['request_id']}:2"]  # fmt: skip
+    records[1]["transaction_id"] = "given-0"
+    twice = requests.post(f"{url}/predict", json={"transactions": records}, headers=AUTH,
+                          timeout=30)  # fmt: skip
+    assert twice.status_code == 400 and twice.json()["rows"] == [0, 1]
 
 
 def test_idle_and_slow_sockets_cannot_starve_the_service(built, tmp_path, reliability) -> None:
