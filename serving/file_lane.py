@@ -35,6 +35,7 @@ import numpy as np
 import psutil
 
 from serving.contract import ID_COLUMN, Contract
+from serving.decisions import DecisionLog, Decisions, commit_or_refuse
 from serving.ids import file_ids, transaction_ids
 from serving.memory import give_back
 from serving.runtime import Runtime, load_runtime
@@ -64,11 +65,13 @@ class FileRequest:
 
 @dataclass(frozen=True)
 class Scorer:
-    """What a file is scored with: the contract, the service settings and a runtime."""
+    """What a file is scored with: the contract, the service settings, a runtime, and the
+    decision log its rows are recorded in (None: off)."""
 
     contract: Contract
     settings: Settings
     runtime: Runtime
+    decisions: DecisionLog | None = None
 
 
 # Set in the child by _start().
@@ -78,7 +81,9 @@ _CHILD: dict[str, Scorer] = {}
 def _start(contract: Contract, files: dict[str, str], settings: Settings) -> None:
     os.nice(NICENESS)
     runtime = load_runtime(settings.runtime, contract.runtime, files.__getitem__, settings.threads)
-    _CHILD["scorer"] = Scorer(contract, settings, runtime)
+    url = settings.decision_log_url()  # the worker's database: the child writes to it too
+    decisions = DecisionLog(url, settings.decisions_days) if url else None
+    _CHILD["scorer"] = Scorer(contract, settings, runtime, decisions)
 
 
 def cancel_marker(out_path: str | Path) -> Path:
@@ -114,6 +119,17 @@ def score_file_with(
         scored = score(probability, features, request.threshold, contract.risk_bands)
         seconds = time.perf_counter() - start
         _stop_if(cancelled)
+        probabilities = scored["fraud_probability"].to_numpy()
+        decided = Decisions(
+            ids,
+            probabilities,
+            request.threshold,
+            features.to_numpy(),
+            request.request_id,
+            contract.lineage.model_md5,
+            scorer.runtime.name,
+        )
+        commit_or_refuse(scorer.decisions, decided)
     except RequestError as exc:
         return {"error": exc.status, "body": exc.body}
     result = with_scores(frame, scored)
@@ -126,7 +142,7 @@ def score_file_with(
     drift = {name: features[name].to_numpy() for name in contract.reference.features}
     return {
         "media": media,
-        "probabilities": scored["fraud_probability"].to_numpy(),
+        "probabilities": probabilities,
         "flagged": int(np.sum(scored["is_fraud"])),
         "rows": len(result),
         "seconds": seconds,

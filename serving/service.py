@@ -30,6 +30,7 @@ from starlette.routing import Route
 
 from serving import connections, logs, metrics
 from serving.contract import ID_COLUMN, Limits, PublishedContract
+from serving.decisions import DecisionLog, Decisions, commit_or_refuse
 from serving.drift import DriftWindow
 from serving.file_lane import FileLane, FileRequest, Scorer, score_file_with
 from serving.gate import RequestGate, RouteRule
@@ -152,6 +153,8 @@ class FraudScoring:
         compiled = CONTRACT.runtime.onnx
         names = ["model.pkl"] + ([compiled.file] if compiled else [])
         files = {name: self.model_ref.path_of(name) for name in names}
+        url = SETTINGS.decision_log_url()
+        self.decisions = DecisionLog(url, SETTINGS.decisions_days) if url else None
         self.lane = FileLane(CONTRACT, files, SETTINGS)
         # Every temporary file of this worker (BentoML's uploads, spooled bodies, scored
         # outputs) goes in its own folder, which the next worker removes if this one is
@@ -165,7 +168,9 @@ class FraudScoring:
         metrics.VALIDATION_FAILURES.labels(reason=exc.body["rule"]).inc()
         ctx.response.status_code = exc.status
         log.info("request %s rejected: %s (%s)", request_id, exc.body["rule"], exc.status)
-        return JSONResponse({**exc.body, "request_id": request_id}, status_code=exc.status)
+        headers = {"Retry-After": "1"} if exc.status == 503 else None
+        body = {**exc.body, "request_id": request_id}
+        return JSONResponse(body, status_code=exc.status, headers=headers)
 
     def _check_threshold(self, threshold: float | None) -> float:
         if threshold is None:
@@ -176,12 +181,17 @@ class FraudScoring:
             )
         return float(threshold)
 
-    def _score(self, features: pd.DataFrame, threshold: float) -> pd.DataFrame:
-        """Score validated features; update the metrics and the drift window."""
+    def _score(self, features: pd.DataFrame, threshold: float, ids: np.ndarray,
+               request_id: str) -> pd.DataFrame:  # fmt: skip
+        """Score validated features, record the decisions (503 if they cannot be), then
+        update the metrics and the drift window."""
         start = time.perf_counter()
         scored = score(self.runtime.probability, features, threshold, self.bands)
         seconds = time.perf_counter() - start
         probabilities = scored["fraud_probability"].to_numpy()
+        decided = Decisions(ids, probabilities, threshold, features.to_numpy(), request_id,
+                            LINEAGE.model_md5, self.runtime.name)  # fmt: skip
+        commit_or_refuse(self.decisions, decided)
         self._observe(probabilities, features, int(scored["is_fraud"].sum()), seconds)
         return scored
 
@@ -230,7 +240,7 @@ class FraudScoring:
             given = [r.get(ID_COLUMN) for r in transactions]
             ids = transaction_ids(given if any(v is not None for v in given) else None,
                                   len(transactions), request_id)  # fmt: skip
-            scored = self._score(features, cut)
+            scored = self._score(features, cut, ids, request_id)
         except RequestError as exc:
             return self._reject(ctx, exc, request_id)
         log.info("request %s scored %d rows", request_id, len(scored))
@@ -292,7 +302,7 @@ class FraudScoring:
         """The file's outcome, from the worker itself for a small file (cheaper than the
         trip to the lane) or from the file lane; a refusal raises RequestError."""
         if size < SETTINGS.lane_min_bytes:
-            scorer = Scorer(CONTRACT, SETTINGS, self.runtime)
+            scorer = Scorer(CONTRACT, SETTINGS, self.runtime, self.decisions)
             outcome = await asyncio.to_thread(score_file_with, scorer, job)
             give_back_soon()
         else:

@@ -46,13 +46,19 @@ class Settings(BaseSettings):
     # Uploads from this size on go to the worker's file lane (a child process); smaller
     # ones are scored in the worker (1 MiB of CSV is ~3,500 rows, ~50 ms).
     lane_min_bytes: int = Field(1024 * 1024, ge=0)
+    # The decision log (serving/decisions.py): a SQLAlchemy URL (sqlite:///..., or
+    # postgresql+psycopg2://...), or "off"; unset: SQLite at <data dir>/decisions.db.
+    decisions_url: str | None = None
+    decisions_days: float = Field(90.0, gt=0)  # decisions older than this are removed
+    # The service's own files; unset: fraud_data/ in the BentoML home.
+    data_dir: str | None = None
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, **_):  # noqa: ANN001, ANN206
         # The environment only: no .env file or secrets folder is read behind one's back.
         return (init_settings, env_settings)
 
-    @field_validator("api_key")
+    @field_validator("api_key", "decisions_url", "data_dir")
     @classmethod
     def _empty_is_none(cls, value: str | None) -> str | None:
         return value or None
@@ -66,6 +72,17 @@ class Settings(BaseSettings):
     @classmethod
     def _at_least_one(cls, value: int) -> int:
         return max(1, value)
+
+    def decision_log_url(self, environ: Mapping[str, str] = os.environ) -> str | None:
+        """The decision log's database URL, or None when the log is off."""
+        if self.decisions_url and self.decisions_url.lower() == "off":
+            return None
+        if self.decisions_url:
+            return self.decisions_url
+        home = environ.get("BENTOML_HOME") or os.path.join(os.path.expanduser("~"), "bentoml")
+        folder = self.data_dir or os.path.join(home, "fraud_data")
+        os.makedirs(folder, exist_ok=True)
+        return f"sqlite:///{os.path.abspath(folder)}/decisions.db"
 
     @classmethod
     def env_name(cls, field: str) -> str:
