@@ -56,6 +56,16 @@ class RouteRule:
     content_type: str
     max_bytes: int
     fields: tuple[str, ...] = ()  # multipart: the text fields it takes besides `file`
+    also: RouteRule | None = None  # the same route's rule for a second content type
+    target: str | None = None  # the path the app answers at (a mounted app's "/route/")
+
+    def for_type(self, kind: str) -> RouteRule:
+        if kind != self.content_type and self.also is not None and kind == self.also.content_type:
+            return self.also
+        return self
+
+    def accepted(self) -> str:
+        return " or ".join([self.content_type] + ([self.also.content_type] if self.also else []))
 
 
 async def read_body(receive: Callable, max_bytes: int, seconds: float) -> IO[bytes]:
@@ -250,7 +260,7 @@ class RequestGate:
         rule = self.routes.get(path.rstrip("/"))
         if rule is None or scope.get("method") != "POST":
             return await self.app(scope, receive, send)
-        scope = _at(scope, path.rstrip("/"))  # /predict/ is /predict, not a redirect
+        scope = _at(scope, rule.target or path.rstrip("/"))  # /predict/ is /predict, no redirect
         try:
             spool = await self._admit_body(scope, receive, rule)
         except RequestError as refused:
@@ -272,9 +282,10 @@ class RequestGate:
             raise RequestError(401, "auth", "missing or wrong API key")
         sent = headers.get(b"content-type", b"")
         kind = sent.decode("latin-1").split(";")[0].strip().lower()
+        rule = rule.for_type(kind)
         if kind != rule.content_type:
             raise RequestError(415, "content-type", f"content type '{kind or 'none'}' is not "
-                          f"accepted here; send {rule.content_type}")  # fmt: skip
+                          f"accepted here; send {rule.accepted()}")  # fmt: skip
         length = headers.get(b"content-length", b"")
         if length.isdigit() and int(length) > rule.max_bytes:
             raise RequestError(413, "max-bytes", f"the request has {int(length)} bytes; the limit "

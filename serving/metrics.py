@@ -16,6 +16,7 @@ ROWS_FLAGGED = Counter("fraud_rows_flagged_total", "Transactions at or above the
 VALIDATION_FAILURES = Counter(
     "fraud_validation_failures_total", "Rejected requests, by the rule they broke", ["reason"]
 )
+LABELS_RECEIVED = Counter("fraud_labels_received_total", "Labels received on /feedback")
 BATCH_ROWS = Histogram(
     "fraud_batch_rows",
     "Rows per scored request",

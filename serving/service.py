@@ -8,6 +8,7 @@ arguments (`model_tag`); nothing here imports the training code.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import tempfile
@@ -32,6 +33,8 @@ from serving import connections, logs, metrics
 from serving.contract import ID_COLUMN, Limits, PublishedContract
 from serving.decisions import DecisionLog, Decisions, commit_or_refuse
 from serving.drift import DriftWindow
+from serving.feedback import labels_from_csv, labels_from_json
+from serving.feedback import store as store_labels
 from serving.file_lane import FileLane, FileRequest, Scorer, score_file_with
 from serving.gate import RequestGate, RouteRule
 from serving.ids import transaction_ids
@@ -97,9 +100,47 @@ async def _schema(request: Request) -> Response:
 
 
 schema_app = Starlette(routes=[Route("/", _schema, methods=["GET"])])
+# This worker's decision log (set when the service starts; None when it is off).
+DECISION_LOG: dict[str, DecisionLog | None] = {"log": None}
+
+
+async def _feedback(request: Request) -> Response:
+    """Labels for logged decisions (feedback.py); the gate has checked key, type and size."""
+    try:
+        decisions = DECISION_LOG["log"]
+        if decisions is None:
+            raise RequestError(503, "decision-log", "the decision log is off "
+                               "(FRAUD_DECISIONS_URL=off): labels cannot be matched")  # fmt: skip
+        labels = await _labels_of(request)
+        answer = await asyncio.to_thread(store_labels, decisions.engine, labels)
+    except RequestError as exc:
+        metrics.VALIDATION_FAILURES.labels(reason=exc.body["rule"]).inc()
+        headers = {"Retry-After": "1"} if exc.status == 503 else None
+        return JSONResponse(exc.body, status_code=exc.status, headers=headers)
+    metrics.LABELS_RECEIVED.inc(answer["received"])
+    log.info("feedback: %d label(s), %d stored, %d corrections, %d unknown", answer["received"],
+             answer["stored"], answer["corrections"], answer["unknown_total"])  # fmt: skip
+    return JSONResponse(answer)
+
+
+async def _labels_of(request: Request) -> pd.DataFrame:
+    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        form = await request.form(max_files=1, max_fields=0)
+        upload = form.get("file")
+        data = await upload.read() if hasattr(upload, "read") else b""
+        return await asyncio.to_thread(labels_from_csv, data, SETTINGS.max_rows)
+    try:
+        payload = json.loads(await request.body())
+    except ValueError:
+        raise RequestError(400, "parse", "the body is not JSON") from None
+    return labels_from_json(payload, SETTINGS.max_json_rows)
+
+
+feedback_app = Starlette(routes=[Route("/", _feedback, methods=["POST"])])
 
 
 @bentoml.asgi_app(schema_app, path="/schema")
+@bentoml.asgi_app(feedback_app, path="/feedback")
 @bentoml.service(
     name="fraud_scoring",
     # One worker process per core: a request's Python work holds its worker's GIL, so one
@@ -155,6 +196,7 @@ class FraudScoring:
         files = {name: self.model_ref.path_of(name) for name in names}
         url = SETTINGS.decision_log_url()
         self.decisions = DecisionLog(url, SETTINGS.decisions_days) if url else None
+        DECISION_LOG["log"] = self.decisions
         self.lane = FileLane(CONTRACT, files, SETTINGS)
         # Every temporary file of this worker (BentoML's uploads, spooled bodies, scored
         # outputs) goes in its own folder, which the next worker removes if this one is
@@ -340,6 +382,12 @@ FraudScoring.add_asgi_middleware(
         "/predict_file": RouteRule(
             "multipart/form-data", SETTINGS.max_bytes, fields=("output_format", "threshold")
         ),
+        "/feedback": RouteRule(
+            "application/json",
+            SETTINGS.max_json_bytes,
+            target="/feedback/",
+            also=RouteRule("multipart/form-data", SETTINGS.max_bytes),
+        ),  # fmt: skip
     },
     api_key=SETTINGS.api_key,
     body_seconds=SETTINGS.body_seconds,
