@@ -41,6 +41,7 @@ from serving.ids import transaction_ids
 from serving.logs import ClientErrorsWithoutValues
 from serving.memory import BIG_ROWS, give_back_soon
 from serving.openapi import PublishedSchema
+from serving.performance import PerformanceWatch
 from serving.runtime import load_runtime
 from serving.scoring import RequestError, score, validate_records
 from serving.sealed import check_fits, open_sealed, refuse
@@ -197,6 +198,10 @@ class FraudScoring:
         url = SETTINGS.decision_log_url()
         self.decisions = DecisionLog(url, SETTINGS.decisions_days) if url else None
         DECISION_LOG["log"] = self.decisions
+        if self.decisions is not None:
+            lock = Path(SETTINGS.data_folder()) / "performance.lock"
+            PerformanceWatch(self.decisions.engine, CONTRACT.costs, lock,
+                             SETTINGS.performance_seconds)  # fmt: skip
         self.lane = FileLane(CONTRACT, files, SETTINGS)
         # Every temporary file of this worker (BentoML's uploads, spooled bodies, scored
         # outputs) goes in its own folder, which the next worker removes if this one is

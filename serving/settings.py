@@ -52,6 +52,8 @@ class Settings(BaseSettings):
     decisions_days: float = Field(90.0, gt=0)  # decisions older than this are removed
     # The service's own files; unset: fraud_data/ in the BentoML home.
     data_dir: str | None = None
+    # how often the realised and estimated performance gauges are recomputed
+    performance_seconds: float = Field(15.0, gt=0)
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, **_):  # noqa: ANN001, ANN206
@@ -79,10 +81,14 @@ class Settings(BaseSettings):
             return None
         if self.decisions_url:
             return self.decisions_url
+        return f"sqlite:///{self.data_folder(environ)}/decisions.db"
+
+    def data_folder(self, environ: Mapping[str, str] = os.environ) -> str:
+        """The service's data directory (made if missing), as an absolute path."""
         home = environ.get("BENTOML_HOME") or os.path.join(os.path.expanduser("~"), "bentoml")
-        folder = self.data_dir or os.path.join(home, "fraud_data")
+        folder = os.path.abspath(self.data_dir or os.path.join(home, "fraud_data"))
         os.makedirs(folder, exist_ok=True)
-        return f"sqlite:///{os.path.abspath(folder)}/decisions.db"
+        return folder
 
     @classmethod
     def env_name(cls, field: str) -> str:
