@@ -173,7 +173,8 @@ def test_row_identity_passes_through_every_output(served) -> None:
         assert answer.status_code == 200, answer.text
         reader = pd.read_csv if output_format == "csv" else pd.read_parquet
         back = reader(io.BytesIO(answer.content))
-        assert back.columns[0] == "txn_id"
+        # the assigned transaction id first, then the file's own index
+        assert list(back.columns[:2]) == ["transaction_id", "txn_id"]
         assert back["txn_id"].tolist() == [f"t-{i}" for i in range(5)]
     csv = rows.head(3).assign(transaction_id=["a1", "b2", "c3"]).to_csv(index=False).encode()
     answer = requests.post(f"{url}/predict_file", headers=AUTH, timeout=60,
