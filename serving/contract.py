@@ -144,6 +144,9 @@ class Contract(InputSchema):
     risk_bands: list[RiskBand]
     reference: Reference
     test_metrics: dict[str, float]
+    # How far realised alert precision or average precision may fall below the test
+    # metrics before an alert (params.yaml package.performance_margin).
+    performance_margin: float = 0.1
     lineage: Lineage
     runtime: Runtime
 

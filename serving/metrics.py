@@ -48,6 +48,13 @@ REFERENCE_FLAGGED_RATIO = Gauge(
     "Share of reference (test split) rows at or above the threshold",
     multiprocess_mode="livemax",
 )
+PERFORMANCE_FLOOR = Gauge(
+    "fraud_performance_floor",
+    "What realised performance may fall to before an alert: the test split's figure less "
+    "the contract's performance margin",
+    ["metric"],
+    multiprocess_mode="livemax",
+)
 MODEL_INFO = Gauge(
     "fraud_model_info",
     "The model in service (value 1)",
@@ -69,6 +76,14 @@ def set_model_info(lineage: Lineage, model_tag: str, runtime: str) -> None:
         model_family=lineage.model_family,
         train_data_md5=lineage.train_data_md5,
     ).set(1)
+
+
+def set_performance_floor(test_metrics: dict[str, float], margin: float) -> None:
+    """The alert rules compare realised figures with these (monitoring/alerts.yml)."""
+    for metric, test_name in (("alert_precision", "precision"),
+                              ("average_precision", "average_precision")):  # fmt: skip
+        if test_name in test_metrics:
+            PERFORMANCE_FLOOR.labels(metric=metric).set(test_metrics[test_name] - margin)
 
 
 def batch_band(rows: int) -> str:

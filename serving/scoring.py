@@ -191,7 +191,7 @@ def validate_records(
     features = contract.features
     names = contract.feature_names
     allowed = set(names) | set(contract.ignored_columns) | {ID_COLUMN}
-    _check_objects(records)
+    check_objects(records)
     fast = 0 < len(records) <= (max_rows or len(records)) and all(
         isinstance(r, dict) and (unknown_columns != "reject" or r.keys() <= allowed)
         for r in records
@@ -214,13 +214,19 @@ def validate_records(
     return validate(frame, contract, unknown_columns, max_rows)
 
 
-def _check_objects(records: list[Any]) -> None:
-    """Every transaction is a JSON object (the service checks the row cap before this).
-    BentoML's own schema check listed one error per bad item instead."""
-    bad = [i for i, record in enumerate(records) if not isinstance(record, dict)]
-    if bad:
+def check_objects(records: list[Any]) -> None:
+    """Every transaction is a JSON object. One pass keeping a few positions and a count:
+    BentoML's own schema check built one error per bad item (16 M for a 32 MiB body)."""
+    first: list[int] = []
+    total = 0
+    for i, record in enumerate(records):
+        if not isinstance(record, dict):
+            total += 1
+            if len(first) < EXAMPLE_ROWS:
+                first.append(i)
+    if total:
         message = "each transaction must be a JSON object of column: value"
-        raise RequestError(400, "record-type", message, rows=bad, rows_total=len(bad))
+        raise RequestError(400, "record-type", message, rows=first, rows_total=total)
 
 
 def _is_number(value: Any) -> bool:

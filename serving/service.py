@@ -43,7 +43,7 @@ from serving.memory import BIG_ROWS, give_back_soon
 from serving.openapi import PublishedSchema
 from serving.performance import PerformanceWatch
 from serving.runtime import load_runtime
-from serving.scoring import RequestError, score, validate_records
+from serving.scoring import RequestError, check_objects, score, validate_records
 from serving.sealed import check_fits, open_sealed, refuse
 from serving.settings import Settings
 
@@ -77,6 +77,7 @@ except RuntimeError as exc:  # FRAUD_RUNTIME=onnx for a model with no compiled f
     raise refuse(str(exc)) from None
 LINEAGE = CONTRACT.lineage
 metrics.REFERENCE_FLAGGED_RATIO.set(CONTRACT.reference.flagged_ratio)
+metrics.set_performance_floor(CONTRACT.test_metrics, CONTRACT.performance_margin)
 
 
 def _contract_view() -> dict[str, Any]:
@@ -274,6 +275,7 @@ class FraudScoring:
             give_back_soon()  # a big body's objects, freed after the answer
         try:
             cut = self._check_threshold(threshold)
+            check_objects(transactions)  # before the row cap: a schema error is a 400
             if len(transactions) > SETTINGS.max_json_rows:
                 raise RequestError(
                     413,

@@ -116,6 +116,7 @@ def build_contract(
             reference, reference_scores, list(package_params["drift_features"]), threshold
         ),
         test_metrics=champion["test_metrics"],
+        performance_margin=float(package_params["performance_margin"]),
         lineage=Lineage(
             registered_model=champion["registered_model"],
             model_md5=champion["model_md5"],

@@ -201,6 +201,7 @@ class Package(Section):
     range_margin: NonNegative
     drift_features: DriftFeatures
     compiled_tolerance: Positive
+    performance_margin: NonNegative
 
 
 class Params(Section):

@@ -3,6 +3,7 @@ files alone are checked in tests/unit/test_monitoring_config.py)."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import time
@@ -38,7 +39,8 @@ class TestLiveStack:
         base = tmp_path_factory.mktemp("monitoring")
         ws, env = built
         # A small drift window so one shifted batch shows in the gauge.
-        env = {**env, "FRAUD_DRIFT_WINDOW_ROWS": "2000", "BENTOML_HOME": str(base / "home")}
+        env = {**env, "FRAUD_DRIFT_WINDOW_ROWS": "2000", "BENTOML_HOME": str(base / "home"),
+               "FRAUD_PERFORMANCE_SECONDS": "1"}  # fmt: skip
         service, url = start_bento(bento_dir(ws), env, base / "serve.log")
         port = free_port()
         config = base / "prometheus.yml"
@@ -79,8 +81,8 @@ class TestLiveStack:
     def load(cls, stack) -> dict:
         """A bounded mixed load: good batches of several sizes and some bad requests. What
         was sent; a test that sends more adds it here, so the counts hold in any order."""
-        rows = pd.read_parquet(stack["workspace"] / "data/split/test.parquet")
-        rows = rows.drop(columns="Class")
+        labelled = pd.read_parquet(stack["workspace"] / "data/split/test.parquet")
+        rows = labelled.drop(columns="Class")
         sent, good, url = 0, 0, stack["service"]
         # Spread over ~10 s, so 1-minute rates and the snapshot show a shape.
         for size in (1, 1, 1, 20, 50, 300, 1500):
@@ -96,6 +98,15 @@ class TestLiveStack:
         )
         assert response.status_code == 200
         sent += 2500
+        # Their outcomes come back (the file's frauds and legitimate rows), for the
+        # realised-performance panels.
+        ids = pd.read_csv(io.BytesIO(response.content))["transaction_id"]
+        outcomes = pd.DataFrame(
+            {"transaction_id": ids, "is_fraud": labelled["Class"].head(2500).astype(bool)}
+        )
+        answer = requests.post(f"{url}/feedback", timeout=60, files={
+            "file": ("labels.csv", outcomes.to_csv(index=False).encode())})  # fmt: skip
+        assert answer.status_code == 200 and answer.json()["stored"] == 2500, answer.text
         bad = {"empty-batch": 2, "missing-columns": 1}
         for _ in range(2):
             time.sleep(1)

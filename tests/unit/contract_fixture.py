@@ -53,7 +53,7 @@ def small_model(folder: Path) -> tuple[Contract, Path]:
         frame,
         scores,
         champion,
-        {"range_margin": 0.1, "drift_features": ["V14", "Amount"]},
+        {"range_margin": 0.1, "drift_features": ["V14", "Amount"], "performance_margin": 0.15},
         Runtime(default="sklearn", reason="a unit test's model"),
     )
     return contract, path
