@@ -12,7 +12,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 # Written once, in stages/lib/environment.py; read (once, after setup) into every command.
 RUN = env $(eval PROJECT_ENV := $$(shell $(BIN)/python -m stages.lib.environment))$(PROJECT_ENV)
 
-.PHONY: setup system-deps run pipeline serve ui up down snapshot test test-unit coverage test-reliability lint bench bench-model bench-ranking bench-serving bench-scale lock clean mlflow-ui push pull k8s-manifests image mlflow-server score
+.PHONY: setup system-deps run pipeline serve ui up down snapshot test test-unit coverage test-reliability lint bench bench-model bench-ranking bench-serving bench-scale bench-outcomes lock clean mlflow-ui push pull k8s-manifests image mlflow-server score
 
 setup: $(VENV)/.installed
 
@@ -149,6 +149,11 @@ bench-model: setup
 # Do the families rank on the synthetic default as on the real first day? docs/benchmarks/ranking.md.
 bench-ranking: setup
 	$(RUN) $(BIN)/python -m bench.ranking
+
+# The decision log's cost in-process (group commit, a 100k-row file, the metrics refresh at
+# 1M decisions): docs/benchmarks/outcomes.md.
+bench-outcomes: setup
+	$(RUN) $(BIN)/python -m bench.outcomes
 
 # deploy/k8s's copies of monitoring/'s alert rules and dashboards (a test keeps them equal).
 k8s-manifests: setup
