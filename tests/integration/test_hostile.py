@@ -8,6 +8,7 @@ import ast
 import hashlib
 import io
 import json
+import select
 import shutil
 import socket
 import subprocess
@@ -223,11 +224,11 @@ def test_idle_and_slow_sockets_cannot_starve_the_service(built, tmp_path, reliab
         answer = requests.get(f"{url}/schema", timeout=10)
         served_in = time.perf_counter() - started
         assert answer.status_code == 200
-        time.sleep(4)  # past the header deadline: the silent ones are gone
-        closed = sum(_closed(s) for s in idle)
+        # Past the header deadline the silent ones are gone (those still in the kernel's
+        # backlog are accepted meanwhile, and get their own deadline).
+        seconds = _until_closed(idle, within=30)
         reliability(case="600 idle sockets, nofile 256", normal_request_s=round(served_in, 2),
-                    idle_closed_after_4s=closed)  # fmt: skip
-        assert closed == len(idle)
+                    all_idle_closed_after_s=round(seconds, 1))  # fmt: skip
         slowloris = socket.create_connection(("127.0.0.1", port), timeout=10)
         started = time.perf_counter()
         with pytest.raises(OSError):  # noqa: PT012
@@ -241,15 +242,20 @@ def test_idle_and_slow_sockets_cannot_starve_the_service(built, tmp_path, reliab
         stop(process)
 
 
-def _closed(sock: socket.socket) -> bool:
-    sock.settimeout(0.5)
-    try:
-        data = sock.recv(4096)
-    except TimeoutError:
-        return False
-    except OSError:
-        return True
-    return data == b"" or data.startswith(b"HTTP/1.1 408")
+def _until_closed(sockets: list[socket.socket], within: float) -> float:
+    """Seconds until the server has closed every socket (EOF, or a 408 then EOF)."""
+    started, pending = time.perf_counter(), set(sockets)
+    while pending and time.perf_counter() - started < within:
+        readable, _, _ = select.select(list(pending), [], [], 1.0)
+        for sock in readable:
+            try:
+                data = sock.recv(4096)
+            except OSError:
+                data = b""
+            if data == b"" or data.startswith(b"HTTP/1.1 408"):
+                pending.discard(sock)
+    assert not pending, f"{len(pending)} idle sockets still open after {within} s"
+    return time.perf_counter() - started
 
 
 def _edits() -> dict[str, object]:
