@@ -75,6 +75,9 @@ LABELS = Table(
     Column("received_at", Float, nullable=False),
 )
 MAX_BATCH_ROWS = 200_000  # rows in one commit (a 300k-row file is its own commit anyway)
+# Rows waiting for a commit, per process: past this a request gets 503 at once (a database
+# that hangs must not make the queue, which holds each request's features, grow without end).
+MAX_PENDING_ROWS = 1_000_000
 RETENTION_CHECK_SECONDS = 3600.0
 
 
@@ -119,7 +122,9 @@ def engine_for(url: str) -> Engine:
             cursor.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    # A server that does not answer fails the commit (and the request) instead of hanging.
+    return create_engine(url, pool_pre_ping=True, connect_args={
+        "connect_timeout": 10, "options": "-c statement_timeout=30000"})  # fmt: skip
 
 
 def create_tables(engine: Engine) -> None:
@@ -149,6 +154,8 @@ class DecisionLog:
         create_tables(self.engine)
         self.retention_seconds = retention_days * 86400.0
         self._queue: queue.Queue[tuple[Decisions, Future]] = queue.Queue()
+        self._pending_rows = 0
+        self._pending_lock = threading.Lock()
         self._last_retention = 0.0
         self._writer = threading.Thread(target=self._write_forever, name="decision-log",
                                         daemon=True)  # fmt: skip
@@ -158,6 +165,13 @@ class DecisionLog:
         """Queue a request's decisions; the future completes once they are committed
         (or fails with LogUnavailable)."""
         future: Future = Future()
+        rows = len(decisions.transaction_ids)
+        with self._pending_lock:
+            if self._pending_rows + rows > MAX_PENDING_ROWS:
+                future.set_exception(LogUnavailable(f"{self._pending_rows} rows already wait "
+                                                    "for a commit"))  # fmt: skip
+                return future
+            self._pending_rows += rows
         self._queue.put((decisions, future))
         return future
 
@@ -176,6 +190,12 @@ class DecisionLog:
             self._apply_retention()
 
     def _commit(self, batch: list[tuple[Decisions, Future]]) -> None:
+        with self._pending_lock:
+            self._pending_rows -= sum(len(d.transaction_ids) for d, _ in batch)
+        # A request that gave up waiting (and told its client to send again) is not written.
+        batch = [(d, f) for d, f in batch if f.set_running_or_notify_cancel()]
+        if not batch:
+            return
         now = time.time()
         try:
             with self.engine.begin() as connection:
@@ -210,8 +230,14 @@ def commit_or_refuse(log: DecisionLog | None, decisions: Decisions, seconds: flo
     be. With the log off (None), nothing to wait for."""
     if log is None:
         return
+    future = log.record(decisions)
     try:
-        log.record(decisions).result(timeout=seconds)
+        try:
+            future.result(timeout=seconds)
+        except TimeoutError:
+            if future.cancel():  # still queued: it will never be written
+                raise
+            future.result(timeout=seconds)  # being committed now: its outcome decides
     except (LogUnavailable, TimeoutError) as error:
         reason = str(error) or "no commit within the time limit"
         raise RequestError(503, "decision-log", f"the decision log is unavailable ({reason}); "

@@ -12,6 +12,7 @@ labels are committed together before the answer.
 from __future__ import annotations
 
 import io
+import math
 import time
 from collections.abc import Sequence
 from datetime import datetime
@@ -55,12 +56,18 @@ def labels_from_json(payload: Any, max_rows: int) -> pd.DataFrame:
 
 def labels_from_csv(data: bytes, max_rows: int) -> pd.DataFrame:
     try:
+        data[: data.find(b"\n")].decode("utf-8")
         table = pa_csv.read_csv(io.BytesIO(data), convert_options=pa_csv.ConvertOptions(
             column_types={ID_COLUMN: pa.string(), "is_fraud": pa.string(),
                           "labelled_at": pa.string()}))  # fmt: skip
-    except pa.ArrowException as exc:
+    except (pa.ArrowException, UnicodeDecodeError) as exc:
         reason = str(exc).split(":", 1)[0]
         raise RequestError(400, "parse", f"could not parse the CSV file ({reason})") from None
+    names = table.column_names
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise RequestError(400, "duplicate-columns", f"the column '{repeated[0]}' appears more "
+                           "than once", column=repeated[0])  # fmt: skip
     missing = [c for c in (ID_COLUMN, "is_fraud") if c not in table.column_names]
     if missing:
         raise RequestError(400, "missing-columns", f"required columns are missing: "
@@ -118,17 +125,23 @@ def _as_time(value: Any) -> float | bool | None:
     """Unix seconds; None when not given; False when unreadable."""
     if value is None or value == "" or (isinstance(value, float) and np.isnan(value)):
         return None
-    if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
-        return float(value)
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return _seconds(value)
     if isinstance(value, str) and value.strip():
         try:
             return datetime.fromisoformat(value.strip()).timestamp()
-        except ValueError:
-            try:
-                return float(value)
-            except ValueError:
-                return False
+        except (ValueError, OverflowError):
+            return _seconds(value)
     return False
+
+
+def _seconds(value: Any) -> float | bool:
+    """Unix seconds: a finite number, at least 0 (False otherwise)."""
+    try:
+        seconds = float(value)
+    except (ValueError, OverflowError):
+        return False
+    return seconds if math.isfinite(seconds) and seconds >= 0 else False
 
 
 def store(engine: Engine, labels: pd.DataFrame) -> dict[str, Any]:

@@ -47,6 +47,8 @@ def _as_text(value: Any) -> Any:
         return value
     if isinstance(value, int | np.integer) and not isinstance(value, bool | np.bool_):
         return str(int(value))
+    if isinstance(value, float | np.floating) and float(value).is_integer():
+        return str(int(value))  # a Parquet integer column with nulls reads as floats
     return None if value is None else f"\x00{type(value).__name__}"
 
 

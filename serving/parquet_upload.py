@@ -18,6 +18,7 @@ Within the budget the file reads as before: plain text columns, pandas' index re
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -31,13 +32,21 @@ VALUE_BYTES = 8  # a decoded number (pandas' float64 or int64), or one text valu
 FIXED = {"BOOLEAN", "INT32", "INT64", "INT96", "FLOAT", "DOUBLE"}
 
 
-def read_bounded(data: bytes, max_columns: int, budget: int = MAX_DECODED_BYTES) -> pa.Table:
-    """The file as an Arrow table, or RequestError (413) if decoding it would pass `budget`."""
+def read_bounded(
+    data: bytes,
+    max_columns: int,
+    check_schema: Callable[[pa.Schema], None] = lambda schema: None,
+    budget: int = MAX_DECODED_BYTES,
+) -> pa.Table:
+    """The file as an Arrow table, or RequestError (413) if decoding it would pass `budget`.
+    `check_schema` sees the file's columns before anything is read (nested ones, whose
+    pages say little of their size, are refused there)."""
     parquet = pq.ParquetFile(io.BytesIO(data))
     metadata = parquet.metadata
     if metadata.num_columns > max_columns:
         raise RequestError(400, "max-columns", f"the file has {metadata.num_columns} columns; "
                            f"the limit is {max_columns}")  # fmt: skip
+    check_schema(parquet.schema_arrow)
     _refuse_over(footer_bytes(metadata), budget)
     text = [f.name for f in parquet.schema_arrow if _is_text(f.type)]
     table = pq.ParquetFile(io.BytesIO(data), read_dictionary=text).read()
@@ -64,6 +73,9 @@ def footer_bytes(metadata: pq.FileMetaData) -> int:
             chunk = group.column(c)
             if chunk.physical_type in FIXED:
                 total += chunk.num_values * VALUE_BYTES
+            elif chunk.physical_type == "FIXED_LEN_BYTE_ARRAY":  # each value its full width
+                width = metadata.schema.column(c).length
+                total += chunk.num_values * (max(width, 0) + VALUE_BYTES)
             else:  # text: its decoded pages (dictionary kept) plus indices or offsets
                 total += chunk.total_uncompressed_size + chunk.num_values * VALUE_BYTES
     return total

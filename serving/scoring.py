@@ -39,11 +39,12 @@ def read_upload(data: bytes, filename: str | None) -> pd.DataFrame:
     is_parquet = data[:4] == b"PAR1" or (filename or "").lower().endswith((".parquet", ".pq"))
     if is_parquet:
         try:  # under a budget counted as the reader expands it (parquet_upload.py)
-            table = read_bounded(data, MAX_COLUMNS)
+            table = read_bounded(data, MAX_COLUMNS, _check_columns)
         except (pa.ArrowException, OSError):
             raise RequestError(400, "parse", "could not read the Parquet file") from None
-        _check_columns(table.schema)
-        return table.to_pandas()
+        frame = table.to_pandas()
+        _check_index(frame)
+        return frame
     if b"\x00" in data[:4096]:
         raise RequestError(415, "file-type", "the file is neither CSV nor Parquet")
     try:  # Arrow checks cells are UTF-8, but keeps a broken header name as it is
@@ -101,6 +102,15 @@ def _check_columns(schema: pa.Schema) -> None:
             raise RequestError(400, "column-type", f"the column '{field.name}' holds nested "
                                f"values ({field.type}); only flat columns are accepted",
                                column=field.name)  # fmt: skip
+
+
+def _check_index(frame: pd.DataFrame) -> None:
+    """A file's named index comes back as columns (with_scores): its names must be free."""
+    taken = set(frame.columns) | set(OUTPUT_COLUMNS)
+    for name in frame.index.names:
+        if name is not None and name in taken:
+            raise RequestError(400, "duplicate-columns", f"the index '{name}' has the name of a "
+                               "column (or of one the service adds)", column=str(name))  # fmt: skip
 
 
 def _ragged_rows(data: bytes) -> list[int]:

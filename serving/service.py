@@ -126,16 +126,21 @@ async def _feedback(request: Request) -> Response:
 
 
 async def _labels_of(request: Request) -> pd.DataFrame:
-    if request.headers.get("content-type", "").startswith("multipart/form-data"):
-        form = await request.form(max_files=1, max_fields=0)
-        upload = form.get("file")
-        data = await upload.read() if hasattr(upload, "read") else b""
-        return await asyncio.to_thread(labels_from_csv, data, SETTINGS.max_rows)
     try:
-        payload = json.loads(await request.body())
-    except ValueError:
-        raise RequestError(400, "parse", "the body is not JSON") from None
-    return labels_from_json(payload, SETTINGS.max_json_rows)
+        if request.headers.get("content-type", "").startswith("multipart/form-data"):
+            form = await request.form(max_files=1, max_fields=0)
+            upload = form.get("file")
+            data = await upload.read() if hasattr(upload, "read") else b""
+            return await asyncio.to_thread(labels_from_csv, data, SETTINGS.max_rows)
+        try:
+            payload = json.loads(await request.body())
+        except (ValueError, RecursionError):
+            raise RequestError(400, "parse", "the body is not JSON") from None
+        return labels_from_json(payload, SETTINGS.max_json_rows)
+    except RequestError:
+        raise
+    except Exception:  # noqa: BLE001 - any other failure to read a client's labels is theirs
+        raise RequestError(400, "parse", "the labels could not be read") from None
 
 
 feedback_app = Starlette(routes=[Route("/", _feedback, methods=["POST"])])

@@ -78,3 +78,24 @@ def test_bad_labels_are_refused_naming_the_rows(payload: dict, rule: str, rows) 
         labels_from_json(payload, 100)
     assert (caught.value.status, caught.value.body["rule"]) == (400, rule)
     assert caught.value.body.get("rows") == rows
+
+
+@pytest.mark.parametrize("when", [10**400, "nan", "-inf", -5, "1e999"])
+def test_impossible_label_times_are_400(when) -> None:
+    with pytest.raises(RequestError) as caught:
+        labels_from_json(_json(("t0", True, when)), 100)
+    assert (caught.value.status, caught.value.body["rule"]) == (400, "labelled-at")
+
+
+@pytest.mark.parametrize(
+    ("data", "rule"),
+    [
+        (b"transaction_id,transaction_id,is_fraud\nt0,t0,1\n", "duplicate-columns"),
+        (b"transaction_id,is_fraud,\xff\nt0,1,2\n", "parse"),
+        (b"transaction_id\nt0\n", "missing-columns"),
+    ],
+)
+def test_malformed_label_files_are_400(data: bytes, rule: str) -> None:
+    with pytest.raises(RequestError) as caught:
+        labels_from_csv(data, 100)
+    assert (caught.value.status, caught.value.body["rule"]) == (400, rule)

@@ -142,3 +142,32 @@ def test_no_client_string_can_break_or_forge_a_log_line() -> None:
     lines = stream.getvalue().splitlines()
     assert len(lines) == 2 and "\x00" not in stream.getvalue()
     assert lines[0] == "GET /nope\\x0a2026-01-01T00:00:00+0000 [ERROR] forged\\x0d\\x00\\u2028end"
+
+
+def test_fixed_width_and_nested_columns_are_bounded_before_reading(tmp_path: Path) -> None:
+    """Fixed-width binary counts its full width; nested columns are refused from the schema
+    (their pages say little of their decoded size)."""
+    rows = 1_400  # 280 MB at full width, over the 256 MiB budget
+    wide = pa.DictionaryArray.from_arrays(  # written dictionary-encoded, never expanded here
+        pa.array(np.zeros(rows, np.int32)), pa.array([b"x" * 200_000], pa.binary(200_000))
+    )
+    data = _write(pa.table({"w": wide}), tmp_path / "w.parquet").read_bytes()
+    assert len(data) < 1 << 20
+    with pytest.raises(scoring.RequestError) as caught:
+        scoring.read_upload(data, "w.parquet")
+    assert caught.value.status == 413
+    nested = pa.table({"n": pa.array([["a" * 1000] * 100] * 10)})
+    data = _write(nested, tmp_path / "n.parquet").read_bytes()
+    with pytest.raises(scoring.RequestError) as caught:
+        scoring.read_upload(data, "n.parquet")
+    assert (caught.value.status, caught.value.body["rule"]) == (400, "column-type")
+
+
+@pytest.mark.parametrize("name", ["V1", "fraud_probability"])
+def test_an_index_named_like_a_column_is_refused(name: str, tmp_path: Path) -> None:
+    frame = pd.DataFrame({n: np.ones(3) for n in FEATURES})
+    frame.index = pd.RangeIndex(3, name=name)
+    data = _write(pa.Table.from_pandas(frame), tmp_path / "i.parquet").read_bytes()
+    with pytest.raises(scoring.RequestError) as caught:
+        scoring.read_upload(data, "i.parquet")
+    assert (caught.value.status, caught.value.body["rule"]) == (400, "duplicate-columns")

@@ -190,7 +190,8 @@ def test_file_mistakes_are_named(name, data, status, rule, column) -> None:
 @pytest.mark.reliability
 def test_parquet_bomb_refused_from_its_footer(monkeypatch) -> None:
     """A small file whose text inflates past the cap is refused before decompressing."""
-    monkeypatch.setattr(parquet_upload.read_bounded, "__defaults__", (10 * 1024 * 1024,))
+    defaults = parquet_upload.read_bounded.__defaults__
+    monkeypatch.setattr(parquet_upload.read_bounded, "__defaults__", (defaults[0], 10 << 20))
     bomb = _parquet(TABLE.append_column("S", pa.array(["x" * (20 * 1024 * 1024), "", ""])))
     assert len(bomb) < 1024 * 1024
     with pytest.raises(scoring.RequestError) as caught:
