@@ -90,10 +90,10 @@ def render(figures: dict) -> str:
 
 def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
-        log = DecisionLog(f"sqlite:///{folder}/decisions.db", retention_days=90)
+        log = DecisionLog(f"sqlite:///{folder}/decisions.db")
         figures = {"one_row": [one_row_requests(log, n) for n in (1, 8, 32)],
                    "file_seconds": big_file(log)}  # fmt: skip
-        fresh = DecisionLog(f"sqlite:///{folder}/refresh.db", retention_days=90)
+        fresh = DecisionLog(f"sqlite:///{folder}/refresh.db")
         figures["refresh_seconds"] = refresh_at(fresh)
     RESULTS.write_text(json.dumps(figures, indent=2) + "\n")
     DOC.write_text(render(figures))

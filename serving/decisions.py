@@ -43,6 +43,7 @@ from sqlalchemy import (
     event,
     exc,
     insert,
+    select,
 )
 
 from serving.errors import RequestError
@@ -79,6 +80,7 @@ MAX_BATCH_ROWS = 200_000  # rows in one commit (a 300k-row file is its own commi
 # that hangs must not make the queue, which holds each request's features, grow without end).
 MAX_PENDING_ROWS = 1_000_000
 RETENTION_CHECK_SECONDS = 3600.0
+RETENTION_CHUNK = 10_000
 
 
 class LogUnavailable(RuntimeError):
@@ -140,23 +142,30 @@ def create_tables(engine: Engine) -> None:
 
 
 def safe_reason(error: BaseException) -> str:
-    """The database's own error class and message, without SQL or parameters."""
+    """What a client may read of a database failure: the error's class, and SQLite's own
+    message (a server's names its host, port or user, which stay in the service's log)."""
+    original = getattr(error, "orig", None) or error
+    kind = type(original).__name__
+    return f"{kind}: {first_line(original)}" if type(original).__module__ == "sqlite3" else kind
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of the database's message, for the log (never the SQL or its values,
+    which SQLAlchemy's own message appends)."""
     original = getattr(error, "orig", None) or error
     text = str(original).strip().splitlines()
-    return f"{type(original).__name__}: {text[0][:200] if text else 'no message'}"
+    return text[0][:200] if text else "no message"
 
 
 class DecisionLog:
     """Group commit of decisions to one database, from a writer thread of this process."""
 
-    def __init__(self, url: str, retention_days: float) -> None:
+    def __init__(self, url: str) -> None:
         self.engine = engine_for(url)
         create_tables(self.engine)
-        self.retention_seconds = retention_days * 86400.0
         self._queue: queue.Queue[tuple[Decisions, Future]] = queue.Queue()
         self._pending_rows = 0
         self._pending_lock = threading.Lock()
-        self._last_retention = 0.0
         self._writer = threading.Thread(target=self._write_forever, name="decision-log",
                                         daemon=True)  # fmt: skip
         self._writer.start()
@@ -187,7 +196,6 @@ class DecisionLog:
                 batch.append(item)
                 rows += len(item[0].transaction_ids)
             self._commit(batch)
-            self._apply_retention()
 
     def _commit(self, batch: list[tuple[Decisions, Future]]) -> None:
         with self._pending_lock:
@@ -203,26 +211,31 @@ class DecisionLog:
                 connection.execute(insert(DECISIONS), rows)
         except Exception as error:  # noqa: BLE001 - every failure goes back to its requests
             reason = safe_reason(error)
-            log.warning("decision log: commit of %d request(s) failed: %s", len(batch), reason)
+            log.warning(
+                "decision log: commit of %d request(s) failed: %s: %s",
+                len(batch),
+                type(getattr(error, "orig", None) or error).__name__,
+                first_line(error),
+            )
             for _, future in batch:
                 future.set_exception(LogUnavailable(reason))
             return
         for _, future in batch:
             future.set_result(None)
 
-    def _apply_retention(self) -> None:
-        now = time.time()
-        if now - self._last_retention < RETENTION_CHECK_SECONDS:
-            return
-        self._last_retention = now
-        cutoff = now - self.retention_seconds
-        try:
-            with self.engine.begin() as connection:
-                gone = connection.execute(delete(DECISIONS).where(DECISIONS.c.decided_at < cutoff))
-            if gone.rowcount:
-                log.info("decision log: %d decision(s) past retention removed", gone.rowcount)
-        except Exception as error:  # noqa: BLE001 - retried at the next check
-            log.warning("decision log: retention failed: %s", safe_reason(error))
+
+def remove_expired(engine: Engine, cutoff: float, chunk: int = RETENTION_CHUNK) -> int:
+    """Delete decisions made before `cutoff`, `chunk` rows per transaction, so no single
+    statement holds SQLite's write lock long enough to make the writers give up (run by one
+    process: the holder of the performance lock)."""
+    removed = 0
+    while True:
+        expired = select(DECISIONS.c.id).where(DECISIONS.c.decided_at < cutoff).limit(chunk)
+        with engine.begin() as connection:
+            gone = connection.execute(delete(DECISIONS).where(DECISIONS.c.id.in_(expired)))
+        removed += gone.rowcount
+        if gone.rowcount < chunk:
+            return removed
 
 
 def commit_or_refuse(log: DecisionLog | None, decisions: Decisions, seconds: float = 60.0) -> None:

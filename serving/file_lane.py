@@ -82,7 +82,7 @@ def _start(contract: Contract, files: dict[str, str], settings: Settings) -> Non
     os.nice(NICENESS)
     runtime = load_runtime(settings.runtime, contract.runtime, files.__getitem__, settings.threads)
     url = settings.decision_log_url()  # the worker's database: the child writes to it too
-    decisions = DecisionLog(url, settings.decisions_days) if url else None
+    decisions = DecisionLog(url) if url else None
     _CHILD["scorer"] = Scorer(contract, settings, runtime, decisions)
 
 

@@ -27,7 +27,13 @@ from sklearn.metrics import average_precision_score
 from sqlalchemy import Engine, and_, func, select
 
 from serving.contract import Costs
-from serving.decisions import DECISIONS, LABELS, safe_reason
+from serving.decisions import (
+    DECISIONS,
+    LABELS,
+    RETENTION_CHECK_SECONDS,
+    remove_expired,
+    safe_reason,
+)
 
 log = logging.getLogger("bentoml.fraud_scoring")
 
@@ -115,9 +121,11 @@ def publish(figures: dict[str, dict[str, float]], window: str) -> None:
 class PerformanceWatch:
     """Refresh the gauges every `seconds` in the worker holding the lock file."""
 
-    def __init__(self, engine: Engine, costs: Costs, lock_path: Path, seconds: float) -> None:
+    def __init__(self, engine: Engine, costs: Costs, lock_path: Path, seconds: float,
+                 retention_seconds: float) -> None:  # fmt: skip
         self.engine, self.costs, self.seconds = engine, costs, seconds
-        self.lock_path = lock_path
+        self.lock_path, self.retention_seconds = lock_path, retention_seconds
+        self._last_retention = 0.0
         self._lock: IO[bytes] | None = None
         threading.Thread(target=self._run, name="performance", daemon=True).start()
 
@@ -140,11 +148,22 @@ class PerformanceWatch:
             publish(measure(self.engine, now - span, self.costs), window)
         return time.perf_counter() - started
 
+    def _apply_retention(self) -> None:
+        """Hourly, decisions past FRAUD_DECISIONS_DAYS go (this process holds the lock)."""
+        now = time.time()
+        if now - self._last_retention < RETENTION_CHECK_SECONDS:
+            return
+        self._last_retention = now
+        removed = remove_expired(self.engine, now - self.retention_seconds)
+        if removed:
+            log.info("decision log: %d decision(s) past retention removed", removed)
+
     def _run(self) -> None:
         while True:
             if self._holds_lock():
                 try:
                     self.refresh()
+                    self._apply_retention()
                 except Exception as error:  # noqa: BLE001 - the next round tries again
                     log.warning("performance: refresh failed: %s", safe_reason(error))
             time.sleep(self.seconds)

@@ -202,12 +202,13 @@ class FraudScoring:
         names = ["model.pkl"] + ([compiled.file] if compiled else [])
         files = {name: self.model_ref.path_of(name) for name in names}
         url = SETTINGS.decision_log_url()
-        self.decisions = DecisionLog(url, SETTINGS.decisions_days) if url else None
+        self.decisions = DecisionLog(url) if url else None
         DECISION_LOG["log"] = self.decisions
         if self.decisions is not None:
             lock = Path(SETTINGS.data_folder()) / "performance.lock"
+            retention = SETTINGS.decisions_days * 86400.0
             PerformanceWatch(self.decisions.engine, CONTRACT.costs, lock,
-                             SETTINGS.performance_seconds)  # fmt: skip
+                             SETTINGS.performance_seconds, retention)  # fmt: skip
         self.lane = FileLane(CONTRACT, files, SETTINGS)
         # Every temporary file of this worker (BentoML's uploads, spooled bodies, scored
         # outputs) goes in its own folder, which the next worker removes if this one is

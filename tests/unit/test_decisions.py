@@ -5,13 +5,14 @@ commit gives a 503 whose message holds no values."""
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from sqlalchemy import create_engine, event, func, select
 
-from serving.decisions import DECISIONS, DecisionLog, Decisions, commit_or_refuse
+from serving.decisions import DECISIONS, DecisionLog, Decisions, commit_or_refuse, remove_expired
 from serving.errors import RequestError
 
 FEATURES = 30
@@ -32,7 +33,7 @@ def _decisions(rows: int, request_id: str = "r1", seed: int = 0) -> Decisions:
 
 def test_a_request_returns_once_its_decisions_are_committed(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/decisions.db"
-    log = DecisionLog(url, retention_days=90)
+    log = DecisionLog(url)
     decided = _decisions(7)
     commit_or_refuse(log, decided)
     with create_engine(url).connect() as other:  # another connection sees them at once
@@ -45,7 +46,7 @@ def test_a_request_returns_once_its_decisions_are_committed(tmp_path: Path) -> N
 
 
 def test_concurrent_requests_share_commits(tmp_path: Path) -> None:
-    log = DecisionLog(f"sqlite:///{tmp_path}/decisions.db", retention_days=90)
+    log = DecisionLog(f"sqlite:///{tmp_path}/decisions.db")
     commits = []
     event.listen(log.engine, "commit", lambda connection: commits.append(1))
     requests = 64
@@ -63,7 +64,7 @@ def test_concurrent_requests_share_commits(tmp_path: Path) -> None:
 
 
 def test_a_database_that_cannot_commit_gives_503_without_values(tmp_path: Path) -> None:
-    log = DecisionLog(f"sqlite:///{tmp_path}/decisions.db", retention_days=90)
+    log = DecisionLog(f"sqlite:///{tmp_path}/decisions.db")
 
     @event.listens_for(log.engine, "connect")
     def _full(connection, _record) -> None:  # noqa: ANN001 - a disk that is full
@@ -77,3 +78,18 @@ def test_a_database_that_cannot_commit_gives_503_without_values(tmp_path: Path) 
     assert (caught.value.status, body["rule"]) == (503, "decision-log")
     assert "full" in body["error"] and "INSERT" not in body["error"]
     assert repr(decided.probabilities[0])[:8] not in body["error"]
+
+
+def test_retention_removes_old_decisions_in_small_transactions(tmp_path: Path) -> None:
+    log = DecisionLog(f"sqlite:///{tmp_path}/decisions.db")
+    commit_or_refuse(log, _decisions(25, "old"))
+    time.sleep(0.05)
+    cutoff = time.time()
+    commit_or_refuse(log, _decisions(5, "new"))
+    commits = []
+    event.listen(log.engine, "commit", lambda connection: commits.append(1))
+    assert remove_expired(log.engine, cutoff, chunk=10) == 25
+    assert len(commits) == 3  # 10 + 10 + 5: no statement holds the write lock for long
+    with log.engine.connect() as connection:
+        left = connection.execute(select(DECISIONS.c.request_id).distinct()).scalars().all()
+    assert left == ["new"]

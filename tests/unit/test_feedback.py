@@ -16,7 +16,7 @@ from serving.feedback import labels_from_csv, labels_from_json, store
 
 @pytest.fixture
 def log(tmp_path: Path) -> DecisionLog:
-    decision_log = DecisionLog(f"sqlite:///{tmp_path}/decisions.db", retention_days=90)
+    decision_log = DecisionLog(f"sqlite:///{tmp_path}/decisions.db")
     rows = 4
     commit_or_refuse(
         decision_log,

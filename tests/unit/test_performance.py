@@ -20,7 +20,7 @@ THRESHOLD = 0.3
 
 
 def test_figures_match_an_offline_computation(tmp_path: Path) -> None:
-    log = DecisionLog(f"sqlite:///{tmp_path}/decisions.db", retention_days=90)
+    log = DecisionLog(f"sqlite:///{tmp_path}/decisions.db")
     rng = np.random.default_rng(4)
     rows = 2_000
     probability = rng.beta(0.3, 3, rows)
