@@ -51,7 +51,9 @@ SCORES = list(OUTPUT_COLUMNS)
 REJECTS = ["reject_rule", "reject_column", "reject_reason", "raw_record"]
 LINEAGE = ["threshold", "model_name", "model_version", "model_md5", "source_file"]
 # The code executors import, shipped to them as a zip (a cluster has no project checkout).
-SHIPPED = ["serving/scoring.py", "serving/runtime.py", "batch/worker.py"]
+# batch/worker.py and every serving module it imports (scoring.py's own imports included)
+SHIPPED = ["serving/contract.py", "serving/errors.py", "serving/parquet_upload.py",
+           "serving/scoring.py", "serving/runtime.py", "batch/worker.py"]  # fmt: skip
 
 
 class JobError(RuntimeError):

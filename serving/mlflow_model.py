@@ -32,7 +32,8 @@ from serving.scoring import RequestError, score, validate
 
 LOADER_MODULE = "serving.mlflow_model"  # importable from the logged model's code/ folder
 # What the logged model carries under code/serving/: this module and what it imports.
-SHIPPED = ("__init__.py", "contract.py", "mlflow_model.py", "runtime.py", "scoring.py")
+SHIPPED = ("__init__.py", "contract.py", "errors.py", "mlflow_model.py", "parquet_upload.py",
+           "runtime.py", "scoring.py")  # fmt: skip
 MODEL_FILE = "model.pkl"  # mlflow.sklearn's file name for the pickle format
 CONTRACT_FILE = "contract.json"  # added by the package stage
 
