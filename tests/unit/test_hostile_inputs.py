@@ -70,15 +70,19 @@ def null_bomb(path: Path, rows: int = 100_000_000) -> Path:
     return path
 
 
+# The child's own peak: VmHWM belongs to the address space exec created, whereas
+# getrusage's ru_maxrss keeps the parent's high-water mark across exec (the test process
+# grows while it writes a bomb, and that once read as the bomb's cost).
 PEAK = """
-import resource, sys
+import re, sys
 from serving.scoring import RequestError, read_upload
 try:
     read_upload(open(sys.argv[1], "rb").read(), "upload.parquet")
     print("read")
 except RequestError as error:
     print(error.status, error.body["rule"])
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+status = open("/proc/self/status").read()
+print(int(re.search(r"VmHWM:\\s+(\\d+) kB", status).group(1)) * 1024)
 """
 
 
