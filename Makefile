@@ -12,7 +12,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 # Written once, in stages/lib/environment.py; read (once, after setup) into every command.
 RUN = env $(eval PROJECT_ENV := $$(shell $(BIN)/python -m stages.lib.environment))$(PROJECT_ENV)
 
-.PHONY: setup system-deps run pipeline serve ui up down snapshot test test-unit coverage test-reliability lint bench bench-model bench-ranking bench-serving bench-scale bench-outcomes lock clean mlflow-ui push pull k8s-manifests image mlflow-server score
+.PHONY: setup system-deps run pipeline serve ui up down snapshot test test-unit coverage test-reliability lint bench bench-model bench-ranking bench-serving bench-scale bench-outcomes lock clean mlflow-ui push pull k8s-manifests image mlflow-server score export-labels
 
 setup: $(VENV)/.installed
 
@@ -60,6 +60,14 @@ up: setup system-deps
 down:
 	$(RUN) $(BIN)/python -m monitoring.stack down
 	$(RUN) $(BIN)/python -m deploy.mlflow_server down
+
+# The labelled decisions (the service's decision log joined to the labels POSTed to
+# /feedback) into data/raw/feedback/, DVC-tracked; with data.feedback: true in params.yaml
+# `dvc repro` retrains with them (`dvc exp run -S data.feedback=true` as an experiment).
+FEEDBACK_DIR = $(shell $(BIN)/python -m stages.lib.project path feedback 2>/dev/null)
+export-labels: setup
+	$(RUN) $(BIN)/python -m stages.export_labels --out $(FEEDBACK_DIR)
+	$(RUN) $(BIN)/dvc add $(FEEDBACK_DIR)
 
 # Batch scoring with Spark from the registry: make score INPUT='data/incoming/*.csv' OUT=scored
 # [MODEL=models:/fraud-detector@candidate] [MASTER=spark://host:7077]. See batch/score.py.
@@ -179,4 +187,4 @@ lock:
 
 # Removes the pipeline's outputs from the workspace (the DVC cache keeps them: `dvc checkout`).
 clean:
-	rm -rf $$($(BIN)/python -m stages.lib.project path prepared split plots model oof bento champion)
+	rm -rf $$($(BIN)/python -m stages.lib.project path prepared recent split plots model oof bento champion)

@@ -1,7 +1,9 @@
 """evaluate: test metrics, the cost-based threshold, plots, the quality gate, the registry.
 
-Outputs: the candidate's metrics and plots; the candidate is registered and becomes
-`champion` if it beats the current one. Which model is served is the next stage's
+Outputs: the candidate's metrics and plots (and, with data.feedback, its metrics on the
+recent labelled window prepare held out); the candidate is registered and becomes
+`champion` if it beats the current one, on that window when it holds at least
+evaluate.recent_min_frauds frauds, else on the test split. Which model is served is the next stage's
 question (stages/champion.py), asked of the registry on every run. The registry's
 bookkeeping (versions, run ids) goes to MLflow and to models/registry.json, a side file
 outside the DVC chain.
@@ -122,9 +124,42 @@ def log_and_gate(metrics: dict, cfg: dict) -> None:
     mlflow.set_tag("quality_gate", "passed")
 
 
-def register(logged: LoggedModel, md5: str, scored: Scored, cfg: dict) -> RegistryOutcome:
-    """Register the candidate and promote it if it beats the champion re-scored on this
-    test split at the candidate's threshold; returns the registry's outcome."""
+def score_recent(model: Any, recent: pd.DataFrame, threshold: float, cfg: dict) -> dict:
+    """The candidate on the recent labelled window at its threshold (counts only while the
+    window lacks a class)."""
+    y = recent[TARGET].to_numpy()
+    counts = {"rows": len(y), "frauds": int(y.sum())}
+    if len(np.unique(y)) < 2:
+        return counts
+    p = fraud_probability(model, recent)
+    found = score_metrics(y, p, threshold, review_budget=int(cfg["review_budget"]), **costs(cfg))
+    log.info("recent labelled window: AP %.4f, precision %.3f, recall %.3f on %d rows "
+             "(%d frauds)", found["average_precision"], found["precision"], found["recall"],
+             len(y), counts["frauds"])  # fmt: skip
+    return {**counts, **found}
+
+
+@dataclass
+class Basis:
+    """The rows the champion rule compares on: the recent window or the test split."""
+
+    name: str
+    rows: pd.DataFrame
+    candidate_ap: float
+
+    @classmethod
+    def choose(cls, scored: Scored, recent: pd.DataFrame, found: dict, cfg: dict) -> Basis:
+        if found["frauds"] >= int(cfg["recent_min_frauds"]) and "average_precision" in found:
+            name = f"the recent labelled window ({found['rows']} rows, {found['frauds']} frauds)"
+            return cls(name, recent, found["average_precision"])
+        return cls("this test data", scored.test, scored.metrics["average_precision"])
+
+
+def register(
+    logged: LoggedModel, md5: str, scored: Scored, basis: Basis, cfg: dict
+) -> RegistryOutcome:
+    """Register the candidate and promote it if it beats the champion re-scored on the
+    basis's rows at the candidate's threshold; returns the registry's outcome."""
     import mlflow
 
     from stages.lib.registry import register_and_promote
@@ -133,26 +168,28 @@ def register(logged: LoggedModel, md5: str, scored: Scored, cfg: dict) -> Regist
         logged,
         cfg["registered_model"],
         md5,
-        candidate_score=scored.metrics["average_precision"],
+        candidate_score=basis.candidate_ap,
         score_champion=lambda champion: score_metrics(
-            scored.test_y,
-            fraud_probability(champion, scored.test),
+            basis.rows[TARGET].to_numpy(),
+            fraud_probability(champion, basis.rows),
             scored.threshold,
             review_budget=int(cfg["review_budget"]),
             **costs(cfg),
         )["average_precision"],
+        basis=basis.name,
     )
     mlflow.set_tags(
         {
             "registered_version": str(outcome.candidate_version),
             "served_by_champion": str(outcome.champion_md5 == md5),
+            "champion_rule_basis": basis.name,
         }
     )
     return outcome
 
 
 def main() -> None:
-    paths = stage_paths(__doc__, "split", "model", "oof", "metrics", "plots")
+    paths = stage_paths(__doc__, "split", "model", "oof", "recent", "metrics", "plots")
     setup_logging()
     configure_environment()
     import mlflow
@@ -172,8 +209,11 @@ def main() -> None:
         scored = score_candidate(
             model, pd.read_parquet(paths.oof), pd.read_parquet(paths.split / "test.parquet"), cfg
         )
+        recent = pd.read_parquet(paths.recent)
+        found = score_recent(model, recent, scored.threshold, cfg)
         with resume_run(logged.source_run_id):
             log_and_gate(scored.metrics, cfg)
+            mlflow.log_metrics({f"recent_{k}": v for k, v in found.items()})
             plots = plot_data(
                 scored.test_y,
                 scored.test_p,
@@ -184,9 +224,9 @@ def main() -> None:
             )
             write_plots(plots, paths.plots)
             mlflow.log_artifacts(str(paths.plots), artifact_path=paths.plots.name)
-            outcome = register(logged, md5, scored, cfg)
+            outcome = register(logged, md5, scored, Basis.choose(scored, recent, found, cfg), cfg)
 
-        write_json(paths.metrics, scored.metrics)
+        write_json(paths.metrics, {**scored.metrics, "recent": found})
         write_json(side_file, {**outcome.summary(), "candidate_run_id": logged.source_run_id})
 
 

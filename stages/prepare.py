@@ -1,4 +1,6 @@
-"""prepare: the raw transactions (synthetic by default, or the user's file), validated."""
+"""prepare: the raw transactions (synthetic by default, or the user's file), validated;
+with data.feedback, the labelled decisions (make export-labels) after them in time order,
+the newest data.recent_days of those held out for evaluate."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from stages.lib import feedback
 from stages.lib.project import (
     atomic_path,
     file_md5,
@@ -68,14 +71,44 @@ def check_splittable(report: ValidationReport, params: dict) -> None:
         )
 
 
+def with_feedback(
+    clean: pd.DataFrame, data: dict, folder: Path
+) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """The source rows plus the older labelled decisions, the newest ones held out (the
+    recent window evaluate judges on), and the counts; with data.feedback off, the source
+    rows and an empty window."""
+    if not data["feedback"]:
+        return clean, clean.iloc[:0], {"feedback_rows": 0, "recent_rows": 0}
+    labelled = feedback.read_folder(folder)
+    if labelled.empty:
+        raise DataValidationError(
+            "feedback", f"data.feedback is true but {folder}/ holds no labelled decisions "
+            "(make export-labels writes them)",
+        )  # fmt: skip
+    rows, _ = validate(feedback.in_time_order(labelled, clean["Time"].max()), duplicates="keep")
+    held = feedback.newest(labelled, float(data["recent_days"]))
+    train_part, recent = rows[~held], rows[held].reset_index(drop=True)
+    added = {
+        "feedback_rows": len(train_part),
+        "feedback_frauds": int(train_part["Class"].sum()),
+        "recent_rows": len(recent),
+        "recent_frauds": int(recent["Class"].sum()),
+    }
+    log.info("feedback: %d labelled decisions appended (%d frauds), the newest %d held out "
+             "(%d frauds)", *added.values())  # fmt: skip
+    return pd.concat([clean, train_part], ignore_index=True), recent, added
+
+
 def main() -> None:
-    paths = stage_paths(__doc__, "raw", "out", "report")
+    paths = stage_paths(__doc__, "raw", "feedback", "out", "recent", "report")
     setup_logging()
     params = stage_params("prepare")
     with stage_timer("prepare"):
         try:
             raw, origin = load_source(params["data"], paths.raw)
             clean, report = validate(raw, duplicates=params["data"]["duplicates"])
+            clean, recent, added = with_feedback(clean, params["data"], paths.feedback)
+            report.rows_out, report.frauds = len(clean), int(clean["Class"].sum())
             check_splittable(report, params)
         except DataValidationError as exc:
             log.error("prepare stopped: %s", exc)
@@ -92,10 +125,13 @@ def main() -> None:
         )
         with atomic_path(paths.out) as tmp:
             clean.to_parquet(tmp, index=False)
+        with atomic_path(paths.recent) as tmp:
+            recent.to_parquet(tmp, index=False)
         write_json(
             paths.report,
-            {**asdict(report), "source": origin, "fraud_rate": report.frauds / report.rows_out},
-        )
+            {**asdict(report), **added, "source": origin,
+             "fraud_rate": report.frauds / report.rows_out},
+        )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -130,6 +130,21 @@ def stores_env(base: Path) -> dict[str, str]:
     return env
 
 
+def link_venv(checkout: Path) -> None:
+    """The checkout's `.venv` is this one's, already set up: its `make` targets must not
+    set it up again from a scratch copy (`make setup` reinstalls when requirements.lock or
+    pyproject.toml is newer than .venv/.installed, and `pip install -e .` of a temporary
+    checkout would point the shared venv's packages at a folder about to be deleted)."""
+    (checkout / ".venv").symlink_to(ROOT / ".venv")
+    installed = ROOT / ".venv" / ".installed"
+    if installed.exists():
+        stamp = installed.stat().st_mtime
+        for name in ("requirements.lock", "pyproject.toml"):
+            path = checkout / name
+            when = min(path.stat().st_mtime, stamp)
+            os.utime(path, (when, when))
+
+
 def small_checkout(base: Path) -> tuple[Path, dict[str, str]]:
     """Copy the project to `base/repo` on a small synthetic config, committed."""
     ws = base / "repo"

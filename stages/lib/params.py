@@ -108,6 +108,8 @@ class Data(Section):
     source: Source
     duplicates: DuplicatePolicy
     synthetic: Synthetic
+    feedback: bool
+    recent_days: Positive
 
 
 class Split(Section):
@@ -193,6 +195,7 @@ class Evaluate(Section):
     cost_false_alarm: Positive
     review_budget: PositiveInt
     registered_model: Annotated[str, Field(min_length=1)]
+    recent_min_frauds: PositiveInt
     gate: Gate
 
 

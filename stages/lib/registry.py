@@ -95,6 +95,7 @@ def _judge(
     model_md5: str,
     candidate_score: float,
     score_champion: Callable[[Any], float],
+    basis: str,
 ) -> _Verdict:
     """Whether the candidate takes `champion`'s place, and why. Only a champion that is
     another content-addressed file is loaded and re-scored."""
@@ -112,7 +113,7 @@ def _judge(
     promoted = candidate_score > champion_score
     reason = (
         f"AP {candidate_score:.4f} {'>' if promoted else '<='} champion "
-        f"v{champion.version}'s {champion_score:.4f} on this test data"
+        f"v{champion.version}'s {champion_score:.4f} on {basis}"
     )
     return _Verdict(promoted, reason, None if promoted else champion_model, champion_score)
 
@@ -123,14 +124,15 @@ def register_and_promote(
     model_md5: str,
     candidate_score: float,
     score_champion: Callable[[Any], float],
+    basis: str = "this test data",
 ) -> RegistryOutcome:
     """Alias the model `candidate`; move `champion` to it only if it beats the current
-    champion re-scored by `score_champion` on the same test data."""
+    champion re-scored by `score_champion` on the same rows (`basis` names them)."""
     client = MlflowClient()
     candidate = _register(client, model, name, model_md5)
     client.set_registered_model_alias(name, "candidate", candidate.version)
     champion = _alias(client, name, "champion")
-    verdict = _judge(champion, name, model_md5, candidate_score, score_champion)
+    verdict = _judge(champion, name, model_md5, candidate_score, score_champion, basis)
     if verdict.promoted:
         client.set_registered_model_alias(name, "champion", candidate.version)
     served = candidate if verdict.promoted or champion is None else champion

@@ -1,12 +1,15 @@
 """The loop after the score (issue 21), end to end with real parts, once on SQLite and once
 on PostgreSQL: the real-format sample scored with ids through `bentoml serve`, its Class
 posted back as labels, /metrics showing the realised figures an offline computation
-gives; kill -9 of a worker during scoring loses no decision that was answered 200."""
+gives; kill -9 of a worker during scoring loses no decision that was answered 200; the
+labelled decisions exported (make export-labels) and a `dvc repro` with data.feedback
+retraining on the older ones and judging the candidate on the newest."""
 
 from __future__ import annotations
 
 import contextlib
 import io
+import json
 import re
 import shutil
 import signal
@@ -16,6 +19,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import mlflow
+import numpy as np
 import pandas as pd
 import psutil
 import pytest
@@ -25,9 +30,11 @@ from sqlalchemy import create_engine, select
 
 from deploy.mlflow_server import Postgres
 from serving.decisions import DECISIONS
+from stages.lib.modeling import fraud_probability, load_model
+from stages.lib.schema import FEATURES
 from stages.lib.servers import free_port
 
-from ..conftest import bento_dir, start_bento, stop
+from ..conftest import bento_dir, link_venv, run, set_params, start_bento, stop
 
 pytestmark = pytest.mark.integration
 
@@ -156,3 +163,69 @@ def test_kill_9_of_a_worker_loses_no_answered_decision(loop, built) -> None:
         )
     missing = set(answered) - logged
     assert not missing, f"{len(missing)} answered decisions are not in the log"
+
+
+def _score_with_ids(url: str, rows: pd.DataFrame, prefix: str) -> pd.DataFrame:
+    """Score `rows` through the service with ids `prefix-<i>` and post their Class back."""
+    ids = [f"{prefix}-{i}" for i in range(len(rows))]
+    upload = rows.drop(columns="Class").assign(transaction_id=ids).to_csv(index=False).encode()
+    scored = requests.post(f"{url}/predict_file", timeout=120,
+                           files={"file": ("rows.csv", upload)})  # fmt: skip
+    assert scored.status_code == 200, scored.text
+    labels = pd.DataFrame({"transaction_id": ids, "is_fraud": rows["Class"].astype(bool)})
+    answer = requests.post(f"{url}/feedback", timeout=60, files={
+        "file": ("labels.csv", labels.to_csv(index=False).encode())})  # fmt: skip
+    assert answer.status_code == 200 and answer.json()["stored"] == len(rows), answer.text
+    return rows.assign(transaction_id=ids)
+
+
+def test_labelled_decisions_retrain_the_model_through_the_dag(loop, built_copy) -> None:
+    url, database, ws = loop
+    copy, env = built_copy
+    test = pd.read_parquet(ws / "data/split/test.parquet")
+    older = _score_with_ids(url, test.iloc[: len(test) // 2], "older")
+    time.sleep(2)  # the two batches' decisions are seconds apart: the window falls between
+    newer = _score_with_ids(url, test.iloc[len(test) // 2 :], "newer")
+    env = {**env, "FRAUD_DECISIONS_URL": database}
+    link_venv(copy)  # the copy's `make setup` must not build a venv of its own
+    run(["make", "export-labels"], copy, env, timeout=600)
+    assert (copy / "data/raw/feedback.dvc").is_file()
+    ignored = run(["git", "check-ignore", "-q", "data/raw/feedback.dvc"], copy, env, check=False)
+    assert ignored.returncode == 1  # git keeps the .dvc file; the data goes to DVC's cache
+    exported = pd.read_parquet(copy / "data/raw/feedback/labelled.parquet")
+    exported = exported.set_index("transaction_id")
+    features = list(FEATURES)
+    for part in (older, newer):  # the features the model saw, as the client sent them
+        mine = exported.loc[part["transaction_id"]]
+        np.testing.assert_array_equal(mine[features].to_numpy(), part[features].to_numpy())
+        np.testing.assert_array_equal(mine["Class"].to_numpy(), part["Class"].to_numpy())
+    decided = exported["decided_at"]
+    newest, newer_first = decided.max(), decided.loc[newer["transaction_id"]].min()
+    assert newer_first - decided.loc[older["transaction_id"]].max() > 1
+    window_days = float(newest - newer_first + 0.5) / 86_400
+    set_params(copy, data__feedback=True, data__recent_days=window_days,
+               evaluate__recent_min_frauds=5)  # fmt: skip
+    run(["dvc", "repro"], copy, env, timeout=1800)
+
+    prepared = json.loads((copy / "metrics/prepare.json").read_text())
+    source_rows = json.loads((ws / "metrics/prepare.json").read_text())["rows_out"]
+    assert prepared["recent_rows"] == len(newer)
+    assert prepared["feedback_rows"] == len(exported) - len(newer) >= len(older)
+    assert prepared["rows_out"] == source_rows + prepared["feedback_rows"]
+    recent = pd.read_parquet(copy / "data/prepared/recent_labelled.parquet")
+    np.testing.assert_array_equal(recent[list(FEATURES[1:])].to_numpy(),
+                                  newer[list(FEATURES[1:])].to_numpy())  # fmt: skip
+    source_end = pd.read_parquet(ws / "data/prepared/transactions.parquet")["Time"].max()
+    assert recent["Time"].min() > source_end  # after the source data, hour of day kept
+    np.testing.assert_allclose(recent["Time"] % 86_400, newer["Time"].to_numpy() % 86_400)
+
+    metrics = json.loads((copy / "metrics/evaluate.json").read_text())["recent"]
+    assert (metrics["rows"], metrics["frauds"]) == (len(newer), int(newer["Class"].sum()))
+    candidate = load_model(copy / "models/model.pkl")
+    assert metrics["average_precision"] == pytest.approx(average_precision_score(
+        recent["Class"], fraud_probability(candidate, recent)), rel=1e-12)  # fmt: skip
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    registry = json.loads((copy / "models/registry.json").read_text())
+    trained = mlflow.tracking.MlflowClient().get_run(registry["candidate_run_id"])
+    assert trained.data.metrics["recent_average_precision"] == metrics["average_precision"]
+    assert trained.data.tags["champion_rule_basis"].startswith("the recent labelled window")

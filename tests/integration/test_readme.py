@@ -45,7 +45,15 @@ import pytest
 
 from stages.lib.environment import TELEMETRY_OFF
 
-from ..conftest import GIT_ID, ROOT, copy_workspace, free_port, run, start_server, stop
+from ..conftest import (
+    GIT_ID,
+    copy_workspace,
+    free_port,
+    link_venv,
+    run,
+    start_server,
+    stop,
+)
 from ..readme_blocks import Block, all_blocks, documents
 
 pytestmark = pytest.mark.integration
@@ -63,21 +71,6 @@ def user_env(home: Path) -> dict[str, str]:
         "TMPDIR": os.environ.get("TMPDIR", "/tmp"),
         **TELEMETRY_OFF,
     }
-
-
-def link_venv(checkout: Path) -> None:
-    """The checkout's `.venv` is this one's, already set up: its `make` targets must not
-    set it up again from a scratch copy (`make setup` reinstalls when requirements.lock or
-    pyproject.toml is newer than .venv/.installed, and `pip install -e .` of a temporary
-    checkout would point the shared venv's packages at a folder about to be deleted)."""
-    (checkout / ".venv").symlink_to(ROOT / ".venv")
-    installed = ROOT / ".venv" / ".installed"
-    if installed.exists():
-        stamp = installed.stat().st_mtime
-        for name in ("requirements.lock", "pyproject.toml"):
-            path = checkout / name
-            when = min(path.stat().st_mtime, stamp)
-            os.utime(path, (when, when))
 
 
 @pytest.fixture(scope="module")
