@@ -76,7 +76,9 @@ def up() -> None:
     if _start_prometheus():
         checks["prometheus"] = (f"http://{HOST}:{PORTS['prometheus']}", "/-/ready")
     if (ROOT / "ui" / "app.py").exists():
-        _start("ui", ui_command(HOST, PORTS["ui"]), env={"FRAUD_SERVICE_URL": service})
+        prometheus = f"http://{HOST}:{PORTS['prometheus']}"
+        env = {"FRAUD_SERVICE_URL": service, "FRAUD_PROMETHEUS_URL": prometheus}
+        _start("ui", ui_command(HOST, PORTS["ui"]), env=env)
         checks["ui"] = (f"http://{HOST}:{PORTS['ui']}", "/_stcore/health")
     _start_grafana()
     for name, (base, probe) in checks.items():

@@ -23,6 +23,7 @@ import multiprocessing
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -78,7 +79,19 @@ class Scorer:
 _CHILD: dict[str, Scorer] = {}
 
 
-def _start(contract: Contract, files: dict[str, str], settings: Settings) -> None:
+def _exit_with(parent: int, every: float = 1.0) -> None:
+    """End this process once `parent` has gone (the child is then adopted, so its parent
+    pid changes). A worker killed with -9 cannot stop its lane, and the lane's pool pipe
+    does not end it either: such orphans were found hours later, each holding its model."""
+    while os.getppid() == parent:
+        time.sleep(every)
+    os._exit(0)
+
+
+def _start(contract: Contract, files: dict[str, str], settings: Settings, worker: int) -> None:
+    # The worker's pid as the worker saw it: one killed while this child was importing
+    # (seconds) is already gone here, and os.getppid() would name the adopter instead.
+    threading.Thread(target=_exit_with, args=(worker,), daemon=True).start()
     os.nice(NICENESS)
     runtime = load_runtime(settings.runtime, contract.runtime, files.__getitem__, settings.threads)
     url = settings.decision_log_url()  # the worker's database: the child writes to it too
@@ -183,7 +196,7 @@ class FileLane:
             max_workers=1,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_start,
-            initargs=self._args,
+            initargs=(*self._args, os.getpid()),
         )
 
     def submit(self, request: FileRequest) -> Future:

@@ -1,7 +1,9 @@
 """fraudops batch scoring UI: upload transactions, score them with the service, explore
-the results at any threshold, download them. Talks to the service over HTTP only.
+the results at any threshold, download them, review the flagged ones (verdicts go back as
+labels), and follow realised against estimated precision. Talks to the service (and to
+Prometheus, for the history) over HTTP only.
 
-    streamlit run ui/app.py   (FRAUD_SERVICE_URL, FRAUD_API_KEY from the environment)
+    streamlit run ui/app.py   (FRAUD_SERVICE_URL, FRAUD_API_KEY, FRAUD_PROMETHEUS_URL)
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from ui import client
+from serving.contract import ID_COLUMN
+from ui import client, performance, review
 
 SAMPLE = Path(__file__).resolve().parent / "sample_transactions.csv"
 TOP_N = 20
@@ -35,6 +38,10 @@ with st.sidebar:
         )
         or None
     )
+    prometheus = st.text_input(
+        "Prometheus URL (performance history)",
+        os.environ.get("FRAUD_PROMETHEUS_URL", "http://127.0.0.1:9090"),
+    ).rstrip("/")
     contract = None
     if client.is_ready(url):
         try:
@@ -130,7 +137,12 @@ if result and contract:
             )
         )
     if run.rows_done:
-        scored = pd.concat([frame.iloc[: run.rows_done].reset_index(drop=True), run.result], axis=1)
+        # The service's ids first (the file's own, or the ones it assigned), then the rows.
+        rows = frame.iloc[: run.rows_done].reset_index(drop=True)
+        scored = pd.concat(
+            [run.result[[ID_COLUMN]], rows.drop(columns=ID_COLUMN, errors="ignore"),
+             run.result.drop(columns=ID_COLUMN)], axis=1,
+        )  # fmt: skip
         probabilities = scored["fraud_probability"].to_numpy()
         scored["is_fraud"] = probabilities >= threshold
         labels = scored["Class"].to_numpy() if "Class" in scored.columns else None
@@ -195,7 +207,7 @@ if result and contract:
 
         st.markdown(f"**Top {TOP_N} riskiest transactions**")
         top = scored.nlargest(TOP_N, "fraud_probability")
-        first = ["fraud_probability", "risk_band", "is_fraud", "Time", "Amount"]
+        first = [ID_COLUMN, "fraud_probability", "risk_band", "is_fraud", "Time", "Amount"]
         first += ["Class"] if labels is not None else []
         st.dataframe(
             top[first + [c for c in top.columns if c not in first]], use_container_width=True
@@ -217,3 +229,6 @@ if result and contract:
             file_name=f"{stem}_scored.parquet",
             mime="application/vnd.apache.parquet",
         )
+        review.render(scored, url, api_key)
+
+performance.render(prometheus)

@@ -21,7 +21,7 @@ from urllib3.util import Retry
 # The contract check is the service's own module (it needs numpy, pandas, pyarrow, pydantic):
 # the UI refuses a file for exactly the reasons, and with the words, the service would.
 from serving import scoring
-from serving.contract import Costs, PublishedContract
+from serving.contract import ID_COLUMN, Costs, PublishedContract
 
 RETRIES = 3
 
@@ -168,7 +168,8 @@ def score_in_chunks(
                 run.seconds = time.perf_counter() - start
                 return run
             scored = pd.read_parquet(io.BytesIO(response.content))
-            run.scored.append(scored[["fraud_probability", "risk_band"]])
+            # the file's own ids, or the ones the service assigned (what a label must name)
+            run.scored.append(scored[[ID_COLUMN, "fraud_probability", "risk_band"]])
             run.rows_done += len(part)
             run.seconds = time.perf_counter() - start
             if progress:
@@ -233,3 +234,53 @@ def threshold_summary(
 def pr_curve(probabilities: np.ndarray, labels: np.ndarray) -> pd.DataFrame:
     precision, recall, _ = precision_recall_curve(labels, probabilities)
     return pd.DataFrame({"recall": recall, "precision": precision})
+
+
+def send_labels(
+    url: str, labels: list[dict[str, Any]], api_key: str | None = None, timeout: float = 30
+) -> dict[str, Any]:
+    """POST the analyst's verdicts ({transaction_id, is_fraud}) to /feedback; the service's
+    answer (stored, corrections, unchanged, unknown), or ServiceError in words."""
+    exc, response = None, None
+    try:
+        response = requests.post(f"{url}/feedback", json={"labels": labels}, timeout=timeout,
+                                 headers=_headers(api_key))  # fmt: skip
+    except requests.RequestException as error:
+        exc = error
+    if response is None or response.status_code != 200:
+        raise ServiceError(_explain(exc, response, url))
+    return response.json()
+
+
+# The realised and estimated alert precision the service publishes (serving/performance.py),
+# over its 1-day window, as Prometheus recorded them.
+PERFORMANCE_SERIES = {
+    "realised": 'fraud_realised_alert_precision{window="1d"}',
+    "estimated": 'fraud_estimated_alert_precision{window="1d"}',
+}
+
+
+def performance_history(prometheus: str, hours: float = 24, points: int = 200) -> pd.DataFrame:
+    """Realised against estimated alert precision over the last `hours`, from Prometheus's
+    query_range API: columns time, series, precision (empty when nothing was recorded).
+    ServiceError when Prometheus cannot be asked."""
+    end = time.time()
+    step = max(hours * 3600 / points, 1.0)
+    frames = []
+    for name, query in PERFORMANCE_SERIES.items():
+        try:
+            response = requests.get(f"{prometheus}/api/v1/query_range", timeout=10, params={
+                "query": query, "start": end - hours * 3600, "end": end, "step": step})  # fmt: skip
+            response.raise_for_status()
+            results = response.json()["data"]["result"]
+        except (requests.RequestException, ValueError, KeyError) as error:
+            raise ServiceError(f"Prometheus at {prometheus} could not be asked: {error}") from None
+        for result in results:
+            values = np.array(result["values"], dtype=float).reshape(-1, 2)
+            frames.append(pd.DataFrame({
+                "time": pd.to_datetime(values[:, 0], unit="s", utc=True), "series": name,
+                "precision": values[:, 1]}))  # fmt: skip
+    if not frames:
+        return pd.DataFrame(columns=["time", "series", "precision"])
+    history = pd.concat(frames, ignore_index=True)
+    return history[np.isfinite(history["precision"])].reset_index(drop=True)

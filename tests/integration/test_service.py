@@ -693,12 +693,26 @@ def _workers(root: psutil.Process) -> dict[str, int]:
     return found
 
 
+def _worker_with_a_lane(root: psutil.Process) -> tuple[str, int, psutil.Process]:
+    """A worker whose file lane has started (its child process): (worker id, pid, lane)."""
+    deadline = time.perf_counter() + 60
+    while time.perf_counter() < deadline:
+        for worker, pid in _workers(root).items():
+            with contextlib.suppress(psutil.Error):
+                children = psutil.Process(pid).children()
+                if children:
+                    return worker, pid, children[0]
+        time.sleep(0.2)
+    raise AssertionError("no worker started its file lane under the file load")
+
+
 @pytest.mark.reliability
 def test_killed_worker_leaves_nothing_behind(built, test_rows, tmp_path, reliability) -> None:
     """Issue 11.4: after kill -9 of a worker under load, clients get an answer or a clean
-    connection error (never a 5xx or a hang), /readyz answers within 10 s, and once the
-    arbiter has replaced the worker its live gauges, temp folder and model-info series
-    are gone (they kept FraudScoreDrift firing and request_in_progress stuck)."""
+    connection error (never a 5xx or a hang), /readyz answers within 10 s, its file lane
+    exits, and once the arbiter has replaced the worker its live gauges, temp folder and
+    model-info series are gone (they kept FraudScoreDrift firing and request_in_progress
+    stuck)."""
     ws, env = built
     home = tmp_path / "home"
     env = {**env, "BENTOML_HOME": str(home)}
@@ -729,7 +743,7 @@ def test_killed_worker_leaves_nothing_behind(built, test_rows, tmp_path, reliabi
         for thread in threads:
             thread.start()
         time.sleep(3)
-        victim = _workers(root)["1"]
+        worker, victim, lane = _worker_with_a_lane(root)
         os.kill(victim, signal.SIGKILL)
         killed_at = time.perf_counter()
         while requests.get(f"{url}/readyz", timeout=5).status_code != 200:
@@ -740,8 +754,12 @@ def test_killed_worker_leaves_nothing_behind(built, test_rows, tmp_path, reliabi
         while list(home.rglob(f"gauge_live*_{victim}.db")) and time.perf_counter() < deadline:
             time.sleep(0.5)  # the replacement worker drops them when it starts
         assert not list(home.rglob(f"gauge_live*_{victim}.db"))
-        assert _workers(root)["1"] != victim
+        assert _workers(root)[worker] != victim
+        lane.wait(timeout=10)  # its file lane follows it (it once lived on, an orphan)
         time.sleep(2)
+    except BaseException:
+        stop(process)  # a failure above must not leave the server running
+        raise
     finally:
         stop_load.set()
         for thread in threads:
