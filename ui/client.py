@@ -273,8 +273,12 @@ def performance_history(prometheus: str, hours: float = 24, points: int = 200) -
                 "query": query, "start": end - hours * 3600, "end": end, "step": step})  # fmt: skip
             response.raise_for_status()
             results = response.json()["data"]["result"]
+        except requests.ConnectionError:
+            raise ServiceError(f"Prometheus at {prometheus} is not reachable") from None
         except (requests.RequestException, ValueError, KeyError) as error:
-            raise ServiceError(f"Prometheus at {prometheus} could not be asked: {error}") from None
+            raise ServiceError(
+                f"Prometheus at {prometheus} did not answer the query ({type(error).__name__})"
+            ) from None
         for result in results:
             values = np.array(result["values"], dtype=float).reshape(-1, 2)
             frames.append(pd.DataFrame({

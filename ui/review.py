@@ -66,7 +66,8 @@ def _send(url: str, api_key: str | None, labels: list[dict]) -> None:
         return
     unknown = answer.get("unknown_total", 0)
     st.success(
-        f"Sent {len(labels)} verdicts: {answer['stored']} new, {answer['corrections']} "
+        f"Sent {len(labels)} verdict{'s' if len(labels) != 1 else ''}: {answer['stored']} new, "
+        f"{answer['corrections']} "
         f"corrections, {answer['unchanged']} unchanged"
         + (f"; {unknown} not in the decision log" if unknown else "")
         + "."

@@ -15,6 +15,7 @@ import requests
 
 from monitoring.snapshot import panel_queries, render
 from monitoring.stack import prometheus_command, prometheus_config
+from ui import client
 
 from ..conftest import (
     ROOT,
@@ -144,6 +145,34 @@ class TestLiveStack:
         served = self.query(stack, "fraud_model_info")[0]["metric"]["model_md5"]
         champion = json.loads((stack["workspace"] / "models/champion.json").read_text())
         assert served == champion["model_md5"]
+
+    def test_the_ui_plots_realised_against_estimated_precision(self, stack, load) -> None:
+        """The UI's performance view reads the service's gauges back from Prometheus: both
+        series, each ending at the value Prometheus holds now."""
+        from streamlit.testing.v1 import AppTest
+
+        def now(series: str) -> float | None:
+            result = self.query(stack, client.PERFORMANCE_SERIES[series])
+            return float(result[0]["value"][1]) if result else None
+
+        assert self.wait_for(lambda: now("realised") is not None and now("estimated"))
+        def both() -> list[pd.DataFrame]:  # wait_for wants a truth value: a list of one
+            history = client.performance_history(stack["prometheus"], hours=0.5)
+            return [history] if history["series"].nunique() == 2 else []
+
+        (history,) = self.wait_for(both) or [client.performance_history(stack["prometheus"])]
+        assert set(history["series"]) == {"realised", "estimated"}
+        for series, rows in history.groupby("series"):
+            assert rows["precision"].between(0, 1).all()
+            assert rows.sort_values("time")["precision"].iloc[-1] == pytest.approx(now(series))
+        os.environ["FRAUD_PROMETHEUS_URL"] = stack["prometheus"]
+        try:
+            at = AppTest.from_file(str(ROOT / "ui" / "app.py"), default_timeout=60).run()
+        finally:
+            del os.environ["FRAUD_PROMETHEUS_URL"]
+        assert not at.exception
+        assert any(h.value == "Performance in production" for h in at.subheader)
+        assert at.get("vega_lite_chart"), "no chart drawn"
 
     def test_snapshot_renders(self, stack, load) -> None:
         out = render(stack["prometheus"], minutes=0.75, out=ARTIFACTS / "monitoring_snapshot.png")

@@ -7,9 +7,11 @@ import http.server
 import io
 import os
 import shutil
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -18,7 +20,7 @@ import requests
 
 from monitoring.stack import ui_command
 from serving.contract import PublishedContract
-from ui import client
+from ui import client, review
 
 from ..conftest import (
     REAL_SAMPLE,
@@ -208,6 +210,35 @@ def test_app_scores_the_sample(service, contract, monkeypatch) -> None:
     assert _metrics(at)["Flagged"] == "1,000"
 
 
+def _labels(service: dict) -> dict[str, bool]:
+    """The labels the service stored (its decision log in its BentoML home)."""
+    database = Path(service["env"]["BENTOML_HOME"]) / "fraud_data" / "decisions.db"
+    with sqlite3.connect(database) as db:
+        return dict(db.execute("SELECT transaction_id, is_fraud FROM labels ORDER BY id"))
+
+
+def test_app_review_queue_sends_verdicts_as_labels(service, contract, monkeypatch) -> None:
+    at = _app(service["url"], monkeypatch).run()
+    at.button[0].click().run()  # "Try a sample"
+    assert not at.exception and not at.error
+    queue = [r for r in at.radio if r.key.startswith("verdict:")]
+    probabilities = _served_probabilities(service["url"], pd.read_csv(SAMPLE))
+    flagged = int((probabilities >= at.sidebar.slider[0].value).sum())
+    assert len(queue) == min(review.QUEUE_ROWS, flagged) > 1
+    first, second = (r.key.removeprefix("verdict:") for r in queue[:2])
+    queue[0].set_value("fraud")
+    queue[1].set_value("legitimate")
+    next(b for b in at.button if b.label == "Send verdicts").click().run()
+    said = [s.value for s in at.main.success]
+    assert said[-1].startswith("Sent 2 verdicts: 2 new, 0 corrections"), said
+    stored = _labels(service)
+    assert (stored[first], stored[second]) == (1, 0)
+    at.radio(key=f"verdict:{first}").set_value("legitimate")  # the analyst changes her mind
+    next(b for b in at.button if b.label == "Send verdicts").click().run()
+    assert "1 corrections, 1 unchanged" in [s.value for s in at.main.success][-1]
+    assert _labels(service)[first] == 0
+
+
 def test_app_refuses_a_bad_file_before_sending(service, monkeypatch) -> None:
     at = _app(service["url"], monkeypatch)
     bad = pd.read_csv(SAMPLE).drop(columns=["Amount"])
@@ -298,6 +329,14 @@ def test_browser_end_to_end(service, tmp_path) -> None:
         height = driver.execute_script("return document.body.scrollHeight")
         driver.set_window_size(1400, max(2200, height + 200))
         driver.save_screenshot(str(ARTIFACTS / "ui_scored.png"))
+        # The review queue: the riskiest flagged row marked fraud, sent as a label.
+        verdict = driver.find_element(
+            By.XPATH, "(//div[@data-testid='stRadio'])[1]//label[.//p[text()='fraud']]"
+        )
+        driver.execute_script("arguments[0].scrollIntoView();", verdict)
+        verdict.click()
+        driver.find_element(By.XPATH, "//button[.//p[text()='Send verdicts']]").click()
+        wait.until(ec.text_to_be_present_in_element((By.TAG_NAME, "body"), "Sent 1 verdict: "))
     finally:
         if driver is not None:
             driver.quit()
