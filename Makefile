@@ -161,6 +161,9 @@ bench-ranking: setup
 # The decision log's cost in-process (group commit, a 100k-row file, the metrics refresh at
 # 1M decisions): docs/benchmarks/outcomes.md.
 bench-outcomes: setup
+	@command -v hey >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y -q hey; } \
+	  || echo "bench-outcomes: no 'hey' (apt-get install hey): single rows use a Python client"
+	@test -f "$(BENTO_DIR)/bento.yaml" || $(MAKE) pipeline
 	$(RUN) $(BIN)/python -m bench.outcomes
 
 # deploy/k8s's copies of monitoring/'s alert rules and dashboards (a test keeps them equal).

@@ -1,7 +1,8 @@
-"""The decision log's cost in-process (`make bench-outcomes`): group commit of 1-row
+"""The decision log's cost (`make bench-outcomes`): in-process, group commit of 1-row
 requests from concurrent threads and of a 100k-row file, and the realised-metrics refresh
-at 1M decisions, on SQLite; the table goes to docs/benchmarks/outcomes.md. (The HTTP
-comparison with the log on and off, and PostgreSQL, are not measured yet.)"""
+at 1M decisions, on SQLite; over HTTP (bench/lib/outcomes_http.py), the log off, on SQLite and
+on PostgreSQL beside BentoML's no-op floor, and /feedback. The tables go to
+docs/benchmarks/outcomes.md, the figures to bench/results/outcomes.json."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from sqlalchemy import insert
 
+from bench.lib import outcomes_http
 from serving.contract import Costs
 from serving.decisions import DECISIONS, LABELS, DecisionLog, Decisions, commit_or_refuse
 from serving.performance import WINDOWS, measure
@@ -85,6 +87,8 @@ def render(figures: dict) -> str:
                  "of its scoring time (~2.5 s: 0.25 s) |")  # fmt: skip
     lines.append(f"| realised metrics refresh, 1M decisions (30% labelled), 3 windows | "
                  f"{figures['refresh_seconds']:.2f} s | < 1 s |")  # fmt: skip
+    if figures.get("http"):
+        lines += outcomes_http.render(figures["http"])
     return "\n".join(lines) + "\n"
 
 
@@ -95,6 +99,8 @@ def main() -> None:
                    "file_seconds": big_file(log)}  # fmt: skip
         fresh = DecisionLog(f"sqlite:///{folder}/refresh.db")
         figures["refresh_seconds"] = refresh_at(fresh)
+    RESULTS.write_text(json.dumps(figures, indent=2) + "\n")  # kept if the HTTP part fails
+    figures["http"] = outcomes_http.measure()
     RESULTS.write_text(json.dumps(figures, indent=2) + "\n")
     DOC.write_text(render(figures))
     print(DOC.read_text(), end="")

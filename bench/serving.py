@@ -200,7 +200,9 @@ def run_case(
     }
 
 
-def hey_case(url: str, body: bytes, concurrency: int, seconds: float = CASE_SECONDS) -> dict:
+def hey_case(
+    url: str, body: bytes, concurrency: int, seconds: float = CASE_SECONDS, path: str = "/predict"
+) -> dict:
     """One-row JSON requests with `hey` (a Go load generator: a Python client thread pool
     tops out near 300 requests/s on these machines and would measure itself)."""
     with tempfile.NamedTemporaryFile(suffix=".json") as payload:
@@ -208,7 +210,7 @@ def hey_case(url: str, body: bytes, concurrency: int, seconds: float = CASE_SECO
         payload.flush()
         out = subprocess.run(
             ["hey", "-z", f"{seconds}s", "-c", str(concurrency), "-m", "POST",
-             "-T", "application/json", "-D", payload.name, "-o", "csv", url + "/predict"],
+             "-T", "application/json", "-D", payload.name, "-o", "csv", url + path],
             capture_output=True, text=True, check=True,
         ).stdout  # fmt: skip
     table = pd.read_csv(io.StringIO(out))

@@ -77,26 +77,33 @@ def with_feedback(
     """The source rows plus the older labelled decisions, the newest ones held out (the
     recent window evaluate judges on), and the counts; with data.feedback off, the source
     rows and an empty window."""
+    counts = dict.fromkeys(("feedback_rows", "feedback_frauds", "recent_rows", "recent_frauds",
+                            "dropped_as_in_window"), 0)  # fmt: skip
     if not data["feedback"]:
-        return clean, clean.iloc[:0], {"feedback_rows": 0, "recent_rows": 0}
+        return clean, clean.iloc[:0], counts
     labelled = feedback.read_folder(folder)
     if labelled.empty:
         raise DataValidationError(
             "feedback", f"data.feedback is true but {folder}/ holds no labelled decisions "
             "(make export-labels writes them)",
         )  # fmt: skip
-    rows, _ = validate(feedback.in_time_order(labelled, clean["Time"].max()), duplicates="keep")
+    rows = feedback.in_time_order(labelled, clean["Time"].max())
+    # The features' rules only: the labels came from /feedback as booleans, and one
+    # export may hold a single class (the source supplies the other).
+    features, _ = validate(rows.drop(columns="Class"), duplicates="keep", require_target=False)
+    rows = features.assign(Class=rows["Class"].to_numpy())
     held = feedback.newest(labelled, float(data["recent_days"]))
-    train_part, recent = rows[~held], rows[held].reset_index(drop=True)
-    added = {
-        "feedback_rows": len(train_part),
-        "feedback_frauds": int(train_part["Class"].sum()),
-        "recent_rows": len(recent),
-        "recent_frauds": int(recent["Class"].sum()),
-    }
+    recent = rows[held].reset_index(drop=True)
+    training = pd.concat([clean, rows[~held]], ignore_index=True)
+    seen = feedback.same_transaction(training, recent)  # a row scored twice, or from the source
+    training = training[~seen].reset_index(drop=True)
+    counts.update(feedback_rows=int((~held).sum()), feedback_frauds=int(rows[~held]["Class"].sum()),
+                  recent_rows=len(recent), recent_frauds=int(recent["Class"].sum()),
+                  dropped_as_in_window=int(seen.sum()))  # fmt: skip
     log.info("feedback: %d labelled decisions appended (%d frauds), the newest %d held out "
-             "(%d frauds)", *added.values())  # fmt: skip
-    return pd.concat([clean, train_part], ignore_index=True), recent, added
+             "(%d frauds); %d training rows dropped as the same transactions as the held-out "
+             "ones", *counts.values())  # fmt: skip
+    return training, recent, counts
 
 
 def main() -> None:

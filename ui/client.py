@@ -253,10 +253,11 @@ def send_labels(
 
 
 # The realised and estimated alert precision the service publishes (serving/performance.py),
-# over its 1-day window, as Prometheus recorded them.
+# over its 1-day window, as Prometheus recorded them; max() over the scrape targets, as the
+# dashboard does (every replica computes the same figures from the shared log).
 PERFORMANCE_SERIES = {
-    "realised": 'fraud_realised_alert_precision{window="1d"}',
-    "estimated": 'fraud_estimated_alert_precision{window="1d"}',
+    "realised": 'max(fraud_realised_alert_precision{window="1d"})',
+    "estimated": 'max(fraud_estimated_alert_precision{window="1d"})',
 }
 
 

@@ -5,15 +5,21 @@ the realised figure once labels come back."""
 from __future__ import annotations
 
 import altair as alt
+import pandas as pd
 import streamlit as st
 
 from ui import client
 
 
+@st.cache_data(ttl=30, show_spinner=False)  # not two queries on every slider move
+def _history(prometheus: str, hours: float) -> pd.DataFrame:
+    return client.performance_history(prometheus, hours)
+
+
 def render(prometheus: str, hours: float = 24) -> None:
     st.subheader("Performance in production")
     try:
-        history = client.performance_history(prometheus, hours)
+        history = _history(prometheus, hours)
     except client.ServiceError as exc:
         st.info(f"{exc}. Start the stack with `make up`, or fix the Prometheus URL.")
         return

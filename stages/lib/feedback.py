@@ -55,6 +55,9 @@ def _chunks(engine: Engine) -> Iterator[list]:
 
 
 def _frame(rows: list) -> pd.DataFrame:
+    width = 8 * len(FEATURES)  # the log stores the contract's features, in this order
+    if any(len(r.features) != width for r in rows):
+        raise ValueError(f"a decision's features are not {len(FEATURES)} float64 values")
     features = np.frombuffer(b"".join(r.features for r in rows), dtype="<f8")
     frame = pd.DataFrame(features.reshape(len(rows), len(FEATURES)), columns=list(FEATURES))
     frame.insert(0, ID, [r.transaction_id for r in rows])
@@ -102,7 +105,12 @@ def merge(held: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
 
 def read_folder(folder: Path) -> pd.DataFrame:
     """Every exported row under `folder` (empty if it holds none)."""
-    files = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
+    # not atomic_path's hidden temporary file of an export cut short
+    files = (
+        sorted(f for f in folder.glob("*.parquet") if not f.name.startswith("."))
+        if folder.is_dir()
+        else []
+    )
     if not files:
         return empty()
     return merge(empty(), pd.concat([pd.read_parquet(f) for f in files], ignore_index=True))
@@ -116,7 +124,7 @@ def export(engine: Engine, folder: Path) -> tuple[int, int]:
     with atomic_path(folder / FILE_NAME) as tmp:
         merged.to_parquet(tmp, index=False)
     for stale in folder.glob("*.parquet"):  # folded into the one file above
-        if stale.name != FILE_NAME:
+        if stale.name != FILE_NAME and not stale.name.startswith("."):
             stale.unlink()
     return len(held), len(merged)
 
@@ -145,3 +153,14 @@ def newest(feedback: pd.DataFrame, days: float) -> np.ndarray:
     if not len(decided):
         return np.zeros(0, dtype=bool)
     return decided > decided.max() - days * SECONDS_PER_DAY
+
+
+def same_transaction(rows: pd.DataFrame, window: pd.DataFrame) -> np.ndarray:
+    """Which of `rows` have the features of a row of `window` (Time aside, which moved):
+    the same transaction scored twice under two assigned ids, or a source row scored and
+    labelled. Kept in training, they would be judged on themselves."""
+    columns = [c for c in FEATURES if c != "Time"]
+    if window.empty:
+        return np.zeros(len(rows), dtype=bool)
+    held = pd.util.hash_pandas_object(window[columns], index=False)
+    return pd.util.hash_pandas_object(rows[columns], index=False).isin(held).to_numpy()

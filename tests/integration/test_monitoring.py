@@ -156,6 +156,7 @@ class TestLiveStack:
             return float(result[0]["value"][1]) if result else None
 
         assert self.wait_for(lambda: now("realised") is not None and now("estimated"))
+
         def both() -> list[pd.DataFrame]:  # wait_for wants a truth value: a list of one
             history = client.performance_history(stack["prometheus"], hours=0.5)
             return [history] if history["series"].nunique() == 2 else []

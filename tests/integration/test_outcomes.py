@@ -30,6 +30,7 @@ from sqlalchemy import create_engine, select
 
 from deploy.mlflow_server import Postgres
 from serving.decisions import DECISIONS
+from stages.lib import feedback
 from stages.lib.modeling import fraud_probability, load_model
 from stages.lib.schema import FEATURES
 from stages.lib.servers import free_port
@@ -211,7 +212,16 @@ def test_labelled_decisions_retrain_the_model_through_the_dag(loop, built_copy) 
     source_rows = json.loads((ws / "metrics/prepare.json").read_text())["rows_out"]
     assert prepared["recent_rows"] == len(newer)
     assert prepared["feedback_rows"] == len(exported) - len(newer) >= len(older)
-    assert prepared["rows_out"] == source_rows + prepared["feedback_rows"]
+    # The newer rows are also source rows (the test split's): those leave training, so the
+    # window judges the candidate on transactions it was not trained on.
+    assert prepared["dropped_as_in_window"] >= len(newer)
+    assert prepared["rows_out"] == (
+        source_rows + prepared["feedback_rows"] - prepared["dropped_as_in_window"]
+    )
+    train = pd.concat(
+        [pd.read_parquet(copy / f"data/split/{p}.parquet") for p in ("train", "valid")]
+    )
+    assert not feedback.same_transaction(train, newer).any()
     recent = pd.read_parquet(copy / "data/prepared/recent_labelled.parquet")
     np.testing.assert_array_equal(recent[list(FEATURES[1:])].to_numpy(),
                                   newer[list(FEATURES[1:])].to_numpy())  # fmt: skip

@@ -229,14 +229,15 @@ def test_app_review_queue_sends_verdicts_as_labels(service, contract, monkeypatc
     queue[0].set_value("fraud")
     queue[1].set_value("legitimate")
     next(b for b in at.button if b.label == "Send verdicts").click().run()
+    assert not at.exception
     said = [s.value for s in at.main.success]
-    assert said[-1].startswith("Sent 2 verdicts: 2 new, 0 corrections"), said
+    assert said and said[-1].startswith("Sent 2 verdicts: 2 new, 0 corrections"), said
     stored = _labels(service)
     assert (stored[first], stored[second]) == (1, 0)
-    at.radio(key=f"verdict:{first}").set_value("legitimate")  # the analyst changes her mind
-    next(b for b in at.button if b.label == "Send verdicts").click().run()
-    assert "1 corrections, 1 unchanged" in [s.value for s in at.main.success][-1]
-    assert _labels(service)[first] == 0
+    # The queue moves on: the two reviewed rows leave it, the next riskiest come up.
+    after = [r.key.removeprefix("verdict:") for r in at.radio if r.key.startswith("verdict:")]
+    assert first not in after and second not in after
+    assert len(after) == min(review.QUEUE_ROWS, flagged - 2)
 
 
 def test_app_refuses_a_bad_file_before_sending(service, monkeypatch) -> None:

@@ -70,3 +70,35 @@ def test_feedback_comes_after_the_source_keeping_the_hour_of_day() -> None:
     assert placed["Class"].tolist() == [0, 1, 0]
     np.testing.assert_array_equal(feedback.newest(rows, 1.5), [False, False, True])
     np.testing.assert_array_equal(feedback.newest(rows, 3), [True, True, True])
+
+
+def test_a_correction_after_an_export_wins_at_the_next(log, tmp_path) -> None:
+    out = tmp_path / "feedback"
+    _score(log, ["a"], np.zeros((1, len(FEATURES))), "r1")
+    _label(log, ("a", False))
+    feedback.export(log.engine, out)
+    _label(log, ("a", True))
+    (out / ".labelled.tmp-1.parquet").write_bytes(b"cut short")  # an export killed mid-write
+    assert feedback.export(log.engine, out) == (1, 1)
+    assert feedback.read_folder(out)["Class"].tolist() == [1]
+
+
+def test_prepare_takes_feedback_of_one_class_and_keeps_the_window_out(tmp_path) -> None:
+    from stages.prepare import with_feedback
+
+    source = pd.DataFrame(np.ones((4, len(FEATURES))), columns=FEATURES).assign(Class=[0, 1, 0, 0])
+    source["Time"] = [0.0, 10.0, 20.0, 30.0]
+    source["V1"] = [1.0, 2.0, 3.0, 4.0]
+    rows = source.iloc[[1, 2]].assign(Class=1)  # source rows 1 and 2, scored and labelled fraud
+    rows = rows.assign(transaction_id=["x", "y"], decided_at=[DAY, 3 * DAY],
+                       labelled_at=0.0, label_received_at=0.0, decision_id=[1, 2],
+                       model_md5="a" * 32, probability=0.9, threshold=0.5)  # fmt: skip
+    (tmp_path / "fb").mkdir()
+    rows.to_parquet(tmp_path / "fb" / feedback.FILE_NAME, index=False)
+    data = {"feedback": True, "recent_days": 1.0}
+    training, recent, counts = with_feedback(source, data, tmp_path / "fb")
+    assert recent["V1"].tolist() == [3.0] and recent["Class"].tolist() == [1]
+    assert counts["dropped_as_in_window"] == 1  # source row 2 is the window's transaction
+    assert training["V1"].tolist() == [1.0, 2.0, 4.0, 2.0]  # "x" appended after the source
+    assert training["Class"].tolist() == [0, 1, 0, 1]
+    assert training["Time"].iloc[-1] == 86_400 + 10.0
