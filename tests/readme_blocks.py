@@ -10,7 +10,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 MARKER = re.compile(r"<!--\s*readme-test:\s*(?P<mode>\w+)\s*(?:[—–-]+\s*(?P<reason>.*?))?\s*-->")
-MODES = {"skip", "scratch"}
+# skip: not run (a reason is required); scratch: run in a clone; last: run in the checkout
+# after every other block (it changes what the others start from, e.g. commits new params)
+MODES = {"skip", "scratch", "last"}
 FENCE = re.compile(r"^(?P<fence>```+|~~~+)\s*(?P<lang>[\w+-]*)")
 
 
@@ -20,7 +22,7 @@ class Block:
     line: int  # 1-based line of the opening fence
     heading: str  # the nearest heading above it
     text: str
-    mode: str  # "run", "scratch" or "skip"
+    mode: str  # "run", "scratch", "last" or "skip"
     reason: str
 
     @property
@@ -64,7 +66,9 @@ def shell_blocks(path: Path, root: Path = ROOT) -> list[Block]:
 
 
 def all_blocks() -> list[Block]:
-    return [block for path in documents() for block in shell_blocks(path)]
+    """In document order, the `last` blocks after the others (in their own order)."""
+    blocks = [block for path in documents() for block in shell_blocks(path)]
+    return sorted(blocks, key=lambda block: block.mode == "last")
 
 
 def markers(path: Path) -> Iterator[tuple[int, str]]:
