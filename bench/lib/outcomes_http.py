@@ -31,8 +31,9 @@ LABEL_ROWS = 40_000
 
 
 @contextlib.contextmanager
-def postgres(base: Path) -> Iterator[str]:
+def postgres() -> Iterator[str]:
     """A PostgreSQL server of its own (the one `make mlflow-server` runs), for the log."""
+    base = Path(tempfile.mkdtemp(prefix="fraudops-bench-pg-"))
     base.chmod(0o755)  # the server runs as `postgres` when the benchmark runs as root
     server = Postgres(base / "postgres", port=free_port())
     server.initialise()
@@ -42,6 +43,7 @@ def postgres(base: Path) -> Iterator[str]:
         yield server.uri("fraud_decisions")
     finally:
         server.stop()
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def feedback_rates(url: str, rows: pd.DataFrame) -> dict:
@@ -86,7 +88,7 @@ def measure() -> dict:
     finally:
         stop(noop)
     feedback = None
-    with postgres(work / "pg") as pg_url:
+    with postgres() as pg_url:
         for label, database in (("log off", "off"),
                                 ("log on, SQLite", f"sqlite:///{work}/decisions.db"),
                                 ("log on, PostgreSQL", pg_url)):  # fmt: skip
