@@ -26,7 +26,9 @@ def _run_prepare(workspace: Path, source: str) -> subprocess.CompletedProcess:
     params["data"]["source"] = source
     (workspace / "params.yaml").write_text(yaml.safe_dump(params))
     shutil.copy(ROOT / "dvc.yaml", workspace / "dvc.yaml")  # the stage's declared params
-    paths = ["--raw", "data/raw", "--out", "data/prepared/transactions.parquet"]
+    paths = ["--raw", "data/raw", "--feedback", "data/raw/feedback",
+             "--out", "data/prepared/transactions.parquet",
+             "--recent", "data/prepared/recent_labelled.parquet"]  # fmt: skip
     return subprocess.run(
         [sys.executable, "-m", "stages.prepare", *paths, "--report", "metrics/prepare.json"],
         cwd=workspace,

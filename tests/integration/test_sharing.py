@@ -126,7 +126,9 @@ def test_default_data_matches_dvc_lock(tmp_path: Path, cpu_env: dict[str, str]) 
         pytest.skip("params.yaml does not use the synthetic default")
     out = tmp_path / "transactions.parquet"
     env = {**os.environ, **cpu_env}
-    args = [sys.executable, "-m", "stages.prepare", "--raw", "data/raw", "--out", str(out)]
+    args = [sys.executable, "-m", "stages.prepare", "--raw", "data/raw",
+            "--feedback", "data/raw/feedback", "--out", str(out),
+            "--recent", str(tmp_path / "recent_labelled.parquet")]  # fmt: skip
     subprocess.run(
         [*args, "--report", str(tmp_path / "report.json")],
         cwd=ROOT,
