@@ -14,18 +14,21 @@ initialisation and kept in .run/postgres/password (readable by the owner only).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import pwd
 import secrets
 import shutil
 import subprocess
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg2
 
 from stages.lib.environment import TELEMETRY_OFF
-from stages.lib.servers import BIN, alive, start_server, stop_tracked
+from stages.lib.servers import BIN, alive, free_port, start_server, stop_tracked
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -107,6 +110,23 @@ class Postgres:
     def stop(self) -> None:
         if self.running():
             self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+
+
+@contextlib.contextmanager
+def scratch_postgres(database: str, prefix: str = "fraudops-pg-") -> Iterator[str]:
+    """A throwaway PostgreSQL server on a free loopback port with `database` in it (for
+    tests and benchmarks): its URI while the block runs, then stopped and removed."""
+    base = Path(tempfile.mkdtemp(prefix=prefix))
+    base.chmod(0o755)  # PostgreSQL runs as `postgres` when the caller is root
+    server = Postgres(base / "postgres", port=free_port())
+    server.initialise()
+    server.start()
+    try:
+        server.ensure_database(database)
+        yield server.uri(database)
+    finally:
+        server.stop()
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def mlflow_command(backend_uri: str, artifacts: str, port: int) -> list[str]:

@@ -5,14 +5,12 @@ throughput (1,000-label JSON batches from 4 clients, and 1-label requests)."""
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -20,30 +18,14 @@ import pandas as pd
 import requests
 
 from bench.serving import hey_case, single_rows, start_noop
-from deploy.mlflow_server import Postgres
+from deploy.mlflow_server import scratch_postgres
 from stages.lib.environment import project_env
 from stages.lib.project import pipeline_path
-from stages.lib.servers import free_port, start_bento, stop
+from stages.lib.servers import start_bento, stop
 
 ROOT = Path(__file__).resolve().parents[2]
 LABEL_BATCH = 1_000
 LABEL_ROWS = 40_000
-
-
-@contextlib.contextmanager
-def postgres() -> Iterator[str]:
-    """A PostgreSQL server of its own (the one `make mlflow-server` runs), for the log."""
-    base = Path(tempfile.mkdtemp(prefix="fraudops-bench-pg-"))
-    base.chmod(0o755)  # the server runs as `postgres` when the benchmark runs as root
-    server = Postgres(base / "postgres", port=free_port())
-    server.initialise()
-    server.start()
-    try:
-        server.ensure_database("fraud_decisions")
-        yield server.uri("fraud_decisions")
-    finally:
-        server.stop()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def feedback_rates(url: str, rows: pd.DataFrame) -> dict:
@@ -88,7 +70,7 @@ def measure() -> dict:
     finally:
         stop(noop)
     feedback = None
-    with postgres() as pg_url:
+    with scratch_postgres("fraud_decisions", "fraudops-bench-pg-") as pg_url:
         for label, database in (("log off", "off"),
                                 ("log on, SQLite", f"sqlite:///{work}/decisions.db"),
                                 ("log on, PostgreSQL", pg_url)):  # fmt: skip

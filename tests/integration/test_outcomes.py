@@ -13,7 +13,6 @@ import json
 import re
 import shutil
 import signal
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -28,12 +27,11 @@ import requests
 from sklearn.metrics import average_precision_score
 from sqlalchemy import create_engine, select
 
-from deploy.mlflow_server import Postgres
+from deploy.mlflow_server import scratch_postgres
 from serving.decisions import DECISIONS, LABELS
 from stages.lib import feedback
 from stages.lib.modeling import fraud_probability, load_model
 from stages.lib.schema import FEATURES
-from stages.lib.servers import free_port
 
 from ..conftest import bento_dir, link_venv, run, set_params, start_bento, stop
 
@@ -44,17 +42,8 @@ pytestmark = pytest.mark.integration
 def _postgres() -> Iterator[str]:
     if not (Path("/usr/lib/postgresql").exists() or shutil.which("pg_ctl")):
         pytest.skip("PostgreSQL server binaries not installed")
-    base = Path(tempfile.mkdtemp(prefix="fraudops-decisions-"))
-    base.chmod(0o755)  # PostgreSQL runs as `postgres` when the tests run as root
-    server = Postgres(base / "postgres", port=free_port())
-    server.initialise()
-    server.start()
-    try:
-        server.ensure_database("fraud_decisions")
-        yield server.uri("fraud_decisions")
-    finally:
-        server.stop()
-        shutil.rmtree(base, ignore_errors=True)
+    with scratch_postgres("fraud_decisions", "fraudops-decisions-") as uri:
+        yield uri
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
