@@ -12,7 +12,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 # Written once, in stages/lib/environment.py; read (once, after setup) into every command.
 RUN = env $(eval PROJECT_ENV := $$(shell $(BIN)/python -m stages.lib.environment))$(PROJECT_ENV)
 
-.PHONY: setup system-deps run pipeline serve ui up down snapshot test test-unit coverage test-reliability lint bench bench-model bench-ranking bench-serving bench-scale bench-outcomes lock clean mlflow-ui push pull k8s-manifests image mlflow-server score export-labels
+.PHONY: setup system-deps run pipeline serve ui up down snapshot test test-unit coverage test-reliability lint bench bench-model bench-ranking bench-serving bench-scale bench-outcomes bench-reasons lock clean mlflow-ui push pull k8s-manifests image mlflow-server score export-labels
 
 setup: $(VENV)/.installed
 
@@ -165,6 +165,12 @@ bench-outcomes: setup
 	  || echo "bench-outcomes: no 'hey' (apt-get install hey): single rows use a Python client"
 	@test -f "$(BENTO_DIR)/bento.yaml" || $(MAKE) pipeline
 	$(RUN) $(BIN)/python -m bench.outcomes
+
+bench-reasons: setup
+	@command -v hey >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y -q hey; } \
+	  || echo "bench-reasons: no 'hey' (apt-get install hey): single rows use a Python client"
+	@test -f "$(BENTO_DIR)/bento.yaml" || $(MAKE) pipeline
+	$(RUN) $(BIN)/python -m bench.reasons
 
 # deploy/k8s's copies of monitoring/'s alert rules and dashboards (a test keeps them equal).
 k8s-manifests: setup

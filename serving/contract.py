@@ -22,6 +22,9 @@ SCORE_EDGES = (0.0, 1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 0.6, 1.0)
 # with their MLflow signature types.
 OUTPUT_TYPES = {"fraud_probability": "double", "is_fraud": "boolean", "risk_band": "string"}
 OUTPUT_COLUMNS = tuple(OUTPUT_TYPES)
+# Added only when a request asks for reason codes (serving/reasons.py): per row, the top-k
+# features by contribution (JSON: a list of objects; files: text such as "V14 = -9.1 (+2.3)").
+REASONS_COLUMN = "reasons"
 # A transaction's id: the client's (JSON field, file column, or a Parquet file's index), or
 # "<request id>:<row>" assigned by the service; echoed in every output, the key of the
 # decision log and of the labels that come back.

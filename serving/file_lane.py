@@ -35,10 +35,11 @@ from typing import Any
 import numpy as np
 import psutil
 
-from serving.contract import ID_COLUMN, Contract
+from serving.contract import ID_COLUMN, REASONS_COLUMN, Contract
 from serving.decisions import DecisionLog, Decisions, commit_or_refuse
 from serving.ids import file_ids, transaction_ids
 from serving.memory import give_back
+from serving.reasons import Explainer, as_text, check_request, reasons_for
 from serving.runtime import Runtime, load_runtime
 from serving.scoring import RequestError, read_upload, score, validate, with_scores, write_table
 from serving.settings import Settings
@@ -53,8 +54,9 @@ log = logging.getLogger("bentoml.fraud_scoring")
 @dataclass(frozen=True)
 class FileRequest:
     """One uploaded file to score: where it is, its client-given name (for the type), the
-    output format, the threshold, where the scored copy goes, and the request's id (rows
-    without a transaction id get `<request id>:<row>`)."""
+    output format, the threshold, where the scored copy goes, the request's id (rows
+    without a transaction id get `<request id>:<row>`) and how many reason codes each row
+    gets (0: none)."""
 
     upload: str
     filename: str | None
@@ -62,17 +64,19 @@ class FileRequest:
     threshold: float
     out_path: str
     request_id: str = "file"
+    reasons: int = 0
 
 
 @dataclass(frozen=True)
 class Scorer:
-    """What a file is scored with: the contract, the service settings, a runtime, and the
-    decision log its rows are recorded in (None: off)."""
+    """What a file is scored with: the contract, the service settings, a runtime, the
+    decision log its rows are recorded in (None: off), and what gives reason codes."""
 
     contract: Contract
     settings: Settings
     runtime: Runtime
     decisions: DecisionLog | None = None
+    explainer: Explainer | None = None
 
 
 # Set in the child by _start().
@@ -96,7 +100,8 @@ def _start(contract: Contract, files: dict[str, str], settings: Settings, worker
     runtime = load_runtime(settings.runtime, contract.runtime, files.__getitem__, settings.threads)
     url = settings.decision_log_url()  # the worker's database: the child writes to it too
     decisions = DecisionLog(url) if url else None
-    _CHILD["scorer"] = Scorer(contract, settings, runtime, decisions)
+    explainer = Explainer(files["model.pkl"], contract.feature_names)
+    _CHILD["scorer"] = Scorer(contract, settings, runtime, decisions, explainer)
 
 
 def cancel_marker(out_path: str | Path) -> Path:
@@ -113,6 +118,17 @@ def score_file(request: FileRequest) -> dict[str, Any]:
         give_back()
 
 
+def _reasons(scorer: Scorer, k: int, features: Any) -> list[str] | None:
+    """The reason codes of every row as text, before any decision is recorded."""
+    if not k:
+        return None
+    check_request(k, len(features), scorer.settings.max_reason_rows)
+    if scorer.explainer is None:
+        raise RequestError(422, "reasons-unavailable", "this scorer has no stored model")
+    explained, _ = reasons_for(scorer.explainer, k, features)
+    return [as_text(row) for row in explained]
+
+
 def score_file_with(
     scorer: Scorer, request: FileRequest, cancelled: Callable[[], bool] = lambda: False
 ) -> dict[str, Any]:
@@ -126,6 +142,7 @@ def score_file_with(
         _stop_if(cancelled)
         features = validate(frame, contract, settings.unknown_columns, settings.max_rows)
         ids = transaction_ids(file_ids(frame), len(frame), request.request_id)
+        explained = _reasons(scorer, request.reasons, features)
         _stop_if(cancelled)
         start = time.perf_counter()
         probability = scorer.runtime.probability
@@ -146,6 +163,8 @@ def score_file_with(
     except RequestError as exc:
         return {"error": exc.status, "body": exc.body}
     result = with_scores(frame, scored)
+    if explained is not None:
+        result[REASONS_COLUMN] = explained
     if ID_COLUMN in result.columns:
         result[ID_COLUMN] = ids  # the client's ids, with the missing ones assigned
     else:

@@ -14,7 +14,8 @@ from typing import Any
 
 from starlette.responses import JSONResponse
 
-from serving.contract import ID_COLUMN, Contract, InputSchema
+from serving.contract import ID_COLUMN, REASONS_COLUMN, Contract, InputSchema
+from serving.reasons import MAX_REASONS
 from serving.settings import Settings
 
 ERROR = {
@@ -45,7 +46,7 @@ STATUSES = {
     "408": "the body did not arrive within FRAUD_BODY_TIMEOUT_S",
     "413": "over a size limit: bytes, rows or decompressed size",
     "415": "a content type or file type this route does not take",
-    "422": "a value outside the model's valid range",
+    "422": "a value outside the model's valid range, or reasons this model cannot give",
     "429": "all scoring slots are busy; retry after Retry-After seconds",
 }
 THRESHOLD = {  # OpenAPI 3.0 (BentoML's): `nullable`, not a type list
@@ -54,6 +55,23 @@ THRESHOLD = {  # OpenAPI 3.0 (BentoML's): `nullable`, not a type list
     "minimum": 0,
     "maximum": 1,
     "description": "decision threshold; the contract's cost-optimal one if absent",
+}
+REASONS = {
+    "type": "integer",
+    "nullable": True,
+    "minimum": 0,
+    "maximum": MAX_REASONS,
+    "description": "each row's top-k features by contribution to the raw score (exact, from "
+    "the stored model); at most FRAUD_MAX_REASON_ROWS rows per request",
+}
+REASON = {
+    "type": "object",
+    "required": ["feature", "value", "contribution"],
+    "properties": {
+        "feature": {"type": "string"},
+        "value": {"type": "number", "description": "as sent"},
+        "contribution": {"type": "number", "description": "signed, in reasons_unit"},
+    },
 }
 
 
@@ -105,6 +123,7 @@ def _describe_predict(predict: dict[str, Any], contract: Contract, settings: Set
                 "items": transaction_schema(contract, settings.unknown_columns),
             },
             "threshold": THRESHOLD,
+            "reasons": REASONS,
         },
     }
     predict["responses"]["200"]["content"]["application/json"]["schema"] = {
@@ -120,12 +139,14 @@ def _describe_predict(predict: dict[str, Any], contract: Contract, settings: Set
                     "is_fraud": {"type": "boolean"},
                     "risk_band": {"type": "string",
                                   "enum": [b.name for b in contract.risk_bands]},
+                    REASONS_COLUMN: {"type": "array", "items": REASON},
                 },
             }},
             "threshold": {"type": "number"},
             "model_tag": {"type": "string"},
             "request_id": {"type": "string"},
             "lineage": {"type": "object"},
+            "reasons_unit": {"type": "string", "enum": ["log-odds", "probability"]},
         },
     }  # fmt: skip
 
@@ -135,6 +156,7 @@ def _describe_upload(upload: dict[str, Any], settings: Settings) -> None:
     form["schema"]["properties"]["output_format"] = {"type": "string", "enum": ["csv", "parquet"],
                                                      "default": "csv"}  # fmt: skip
     form["schema"]["properties"]["threshold"] = THRESHOLD
+    form["schema"]["properties"]["reasons"] = REASONS
     form["schema"]["additionalProperties"] = False
     upload["requestBody"]["required"] = True
     form["schema"]["properties"]["file"]["description"] = (

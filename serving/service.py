@@ -22,7 +22,7 @@ import bentoml
 import numpy as np
 import pandas as pd
 from bentoml.validators import ContentType
-from pydantic import BaseModel, StrictFloat
+from pydantic import BaseModel, StrictFloat, StrictInt
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.requests import Request
@@ -30,7 +30,7 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from serving import connections, logs, metrics
-from serving.contract import ID_COLUMN, Limits, PublishedContract
+from serving.contract import ID_COLUMN, REASONS_COLUMN, Limits, PublishedContract
 from serving.decisions import DecisionLog, Decisions, commit_or_refuse
 from serving.drift import DriftWindow
 from serving.feedback import labels_from_csv, labels_from_json
@@ -42,6 +42,7 @@ from serving.logs import ClientErrorsWithoutValues
 from serving.memory import BIG_ROWS, give_back_soon
 from serving.openapi import PublishedSchema
 from serving.performance import PerformanceWatch
+from serving.reasons import Explainer, check_request, reasons_for
 from serving.runtime import load_runtime
 from serving.scoring import RequestError, check_objects, score, validate_records
 from serving.sealed import check_fits, open_sealed, refuse
@@ -198,6 +199,8 @@ class FraudScoring:
         self.threshold = CONTRACT.threshold
         self.bands = CONTRACT.risk_bands
         self.drift = DriftWindow(CONTRACT.reference, SETTINGS.drift_window_rows)
+        # Reason codes come from the stored model, loaded when a request first asks.
+        self.explainer = Explainer(self.model_ref.path_of("model.pkl"), CONTRACT.feature_names)
         compiled = CONTRACT.runtime.onnx
         names = ["model.pkl"] + ([compiled.file] if compiled else [])
         files = {name: self.model_ref.path_of(name) for name in names}
@@ -274,13 +277,16 @@ class FraudScoring:
         transactions: list[Any],
         ctx: bentoml.Context,
         threshold: StrictFloat | None = None,  # true or "0.5" are not thresholds
+        reasons: StrictInt | None = None,  # top-k reason codes per row (serving/reasons.py)
     ) -> dict[str, Any]:
-        """Score a JSON batch: one result per transaction, in input order."""
+        """Score a JSON batch: one result per transaction, in input order; with `reasons`
+        k, each row's k features that pushed its score most."""
         request_id = uuid.uuid4().hex[:12]
         if len(transactions) >= BIG_ROWS:
             give_back_soon()  # a big body's objects, freed after the answer
         try:
             cut = self._check_threshold(threshold)
+            k = check_request(reasons, len(transactions), SETTINGS.max_reason_rows)
             check_objects(transactions)  # before the row cap: a schema error is a 400
             if len(transactions) > SETTINGS.max_json_rows:
                 raise RequestError(
@@ -295,16 +301,22 @@ class FraudScoring:
             given = [r.get(ID_COLUMN) for r in transactions]
             ids = transaction_ids(given if any(v is not None for v in given) else None,
                                   len(transactions), request_id)  # fmt: skip
+            # Before scoring: a model with no reasons refuses before any decision is logged.
+            explained, unit = reasons_for(self.explainer, k, features) if k else (None, None)
             scored = self._score(features, cut, ids, request_id)
         except RequestError as exc:
             return self._reject(ctx, exc, request_id)
         log.info("request %s scored %d rows", request_id, len(scored))
         names = (ID_COLUMN, "fraud_probability", "is_fraud", "risk_band")
         columns = [ids.tolist(), *(scored[c].tolist() for c in names[1:])]
+        meta = self._meta(cut, request_id)
+        if explained is not None:
+            names, columns = (*names, REASONS_COLUMN), [*columns, explained]
+            meta["reasons_unit"] = unit  # of the contributions: log-odds or probability
         predictions = [dict(zip(names, row, strict=True)) for row in zip(*columns, strict=True)]
         # A Response goes out as it is; a dict would make BentoML rebuild the output's
         # JSON schema on every call to pick a media type (~15% of a one-row request).
-        return JSONResponse({"predictions": predictions, **self._meta(cut, request_id)})
+        return JSONResponse({"predictions": predictions, **meta})
 
     @bentoml.api(route="/predict_file")
     async def predict_file(
@@ -313,12 +325,14 @@ class FraudScoring:
         ctx: bentoml.Context,
         output_format: str = "csv",
         threshold: StrictFloat | None = None,  # true or "0.5" are not thresholds
+        reasons: StrictInt | None = None,  # top-k reason codes per row, as a text column
     ) -> Annotated[Path, ContentType("text/csv")]:
         """Score an uploaded CSV or Parquet file; return it with the score columns added."""
         request_id = uuid.uuid4().hex[:12]
         out = self.lane.scratch / f"{request_id}.out"
         try:
             cut = self._check_threshold(threshold)
+            k = check_request(reasons, 0, SETTINGS.max_reason_rows)  # rows: once parsed
             if output_format not in ("csv", "parquet"):
                 raise RequestError(400, "output-format", "output_format must be csv or parquet")
             size = os.path.getsize(file)
@@ -329,7 +343,7 @@ class FraudScoring:
                     f"the file has {size} bytes; the limit is {SETTINGS.max_bytes}",
                 )
             name = getattr(file, "name", None)
-            job = FileRequest(str(file), name, output_format, cut, str(out), request_id)
+            job = FileRequest(str(file), name, output_format, cut, str(out), request_id, k)
             outcome = await self._score_upload(ctx, job, size)
         except RequestError as exc:
             out.unlink(missing_ok=True)
@@ -357,7 +371,7 @@ class FraudScoring:
         """The file's outcome, from the worker itself for a small file (cheaper than the
         trip to the lane) or from the file lane; a refusal raises RequestError."""
         if size < SETTINGS.lane_min_bytes:
-            scorer = Scorer(CONTRACT, SETTINGS, self.runtime, self.decisions)
+            scorer = Scorer(CONTRACT, SETTINGS, self.runtime, self.decisions, self.explainer)
             outcome = await asyncio.to_thread(score_file_with, scorer, job)
             give_back_soon()
         else:
@@ -393,7 +407,9 @@ FraudScoring.add_asgi_middleware(
     routes={
         "/predict": RouteRule("application/json", SETTINGS.max_json_bytes),
         "/predict_file": RouteRule(
-            "multipart/form-data", SETTINGS.max_bytes, fields=("output_format", "threshold")
+            "multipart/form-data",
+            SETTINGS.max_bytes,
+            fields=("output_format", "threshold", "reasons"),
         ),
         "/feedback": RouteRule(
             "application/json",

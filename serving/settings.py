@@ -54,6 +54,11 @@ class Settings(BaseSettings):
     data_dir: str | None = None
     # how often the realised and estimated performance gauges are recomputed
     performance_seconds: float = Field(15.0, gt=0)
+    # Reason codes (serving/reasons.py) are computed with the stored model, not the
+    # compiled one: at most this many rows per request may ask for them. Exact TreeSHAP
+    # costs ~1.3 ms a row for the default LightGBM champion, ~55 ms for a 200-tree
+    # ExtraTrees (docs/benchmarks/reasons.md): 1,000 rows stay inside the 120 s timeout.
+    max_reason_rows: int = Field(1_000, gt=0)
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, **_):  # noqa: ANN001, ANN206
