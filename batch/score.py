@@ -2,6 +2,7 @@
 
     python -m batch.score 'data/incoming/*.csv' --out scored/ [--model models:/name@alias]
                           [--master local[*] | spark://... | yarn | k8s://...] [--conf k=v]
+                          [--reasons K]
 
 The model is a registered version (default: the `champion` of params.yaml's registered
 model) with the serving contract the package stage attached to it; both are checked by
@@ -9,7 +10,8 @@ md5. Each input file is a partition `batch=<file name>` of two Parquet datasets:
 
     <out>/scored/   the input's columns (contract columns as checked float64), fraud_probability,
                     is_fraud, risk_band, threshold, model_name, model_version, model_md5,
-                    source_file
+                    source_file; with --reasons K, a `reasons` column: each row's top-K
+                    features by contribution, as the service gives them ("V14 = -9.1 (+2.3)")
     <out>/rejects/  rows that broke a contract rule: reject_rule, reject_column, reject_reason
                     and raw_record (the values as read) instead of the scores
     <out>/_summary.json   rows, scored, flagged and rejected per rule and per file; time
@@ -41,7 +43,8 @@ from typing import Any
 
 import yaml
 
-from serving.contract import OUTPUT_COLUMNS, Contract
+from serving.contract import OUTPUT_COLUMNS, REASONS_COLUMN, Contract
+from serving.reasons import MAX_REASONS
 from stages.lib.project import setup_logging
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +56,8 @@ LINEAGE = ["threshold", "model_name", "model_version", "model_md5", "source_file
 # The code executors import, shipped to them as a zip (a cluster has no project checkout).
 # batch/worker.py and every serving module it imports (scoring.py's own imports included)
 SHIPPED = ["serving/contract.py", "serving/errors.py", "serving/parquet_upload.py",
-           "serving/scoring.py", "serving/runtime.py", "batch/worker.py"]  # fmt: skip
+           "serving/scoring.py", "serving/runtime.py", "serving/reasons.py",
+           "batch/worker.py"]  # fmt: skip
 
 
 class JobError(RuntimeError):
@@ -164,7 +168,8 @@ def check_inputs(frame, features: list[str]) -> list[str]:
     missing = [name for name in features if name not in columns]
     if missing:
         raise JobError(f"the input lacks contract columns: {', '.join(missing)}")
-    taken = sorted(columns & (set(OUTPUT_COLUMNS) | set(ADDED.names) | set(LINEAGE[:-1])))
+    outputs = set(OUTPUT_COLUMNS) | set(ADDED.names) | set(LINEAGE[:-1]) | {REASONS_COLUMN}
+    taken = sorted(columns & outputs)
     if taken:
         raise JobError(f"input columns clash with the job's output columns: {', '.join(taken)}")
     files = frame.inputFiles()
@@ -176,13 +181,13 @@ def check_inputs(frame, features: list[str]) -> list[str]:
 
 
 def _on_executor(
-    batches: Iterator[Any], contract: dict[str, Any], model_file: str, md5: str
+    batches: Iterator[Any], contract: dict[str, Any], model_file: str, md5: str, reasons: int
 ) -> Iterator[Any]:
     from pyspark import SparkFiles
 
     from batch.worker import score_batches
 
-    yield from score_batches(batches, contract, SparkFiles.get(model_file), md5)
+    yield from score_batches(batches, contract, SparkFiles.get(model_file), md5, reasons)
 
 
 def _delete(spark, uri: str) -> None:
@@ -202,7 +207,13 @@ def _write_text(spark, uri: str, text: str) -> None:
 
 
 def run_job(
-    inputs: list[str], out: str, model_uri: str, master: str, conf: dict[str, str], fmt: str
+    inputs: list[str],
+    out: str,
+    model_uri: str,
+    master: str,
+    conf: dict[str, str],
+    fmt: str,
+    reasons: int = 0,
 ) -> dict[str, Any]:
     from stages.lib.registry import resolve
 
@@ -216,7 +227,7 @@ def run_job(
         with tempfile.TemporaryDirectory() as scratch:
             spark.sparkContext.addPyFile(str(code_zip(Path(scratch))))
             spark.sparkContext.addFile(str(model.model_file))
-            scored = score_inputs(spark, model, inputs, fmt).persist()  # written twice
+            scored = score_inputs(spark, model, inputs, fmt, reasons).persist()  # written twice
             counts = _counts(scored)
             log.info("scored in %.1f s; writing", time.monotonic() - started)
             write_outputs(spark, scored, counts, out.rstrip("/"))
@@ -231,7 +242,7 @@ def run_job(
         spark.stop()
 
 
-def score_inputs(spark: Any, model: Any, inputs: list[str], fmt: str) -> Any:
+def score_inputs(spark: Any, model: Any, inputs: list[str], fmt: str, reasons: int = 0) -> Any:
     """The input files as one Spark DataFrame, scored on the executors, with the model's
     identity on every row (lazy: nothing runs until it is written or counted)."""
     from pyspark.sql import functions as F
@@ -244,8 +255,8 @@ def score_inputs(spark: Any, model: Any, inputs: list[str], fmt: str) -> Any:
     files = check_inputs(frame, features)
     log.info("%d %s file(s) to score with Spark %s on %s", len(files), fmt, spark.version,
              spark.sparkContext.master)  # fmt: skip
-    schema = output_schema(to_arrow_schema(frame.schema), features)
-    on_executor = partial(_on_executor, contract=model.contract,
+    schema = output_schema(to_arrow_schema(frame.schema), features, reasons)
+    on_executor = partial(_on_executor, contract=model.contract, reasons=reasons,
                           model_file=model.model_file.name, md5=model.md5)  # fmt: skip
     return frame.mapInArrow(on_executor, from_arrow_schema(schema)).select(
         "*",
@@ -356,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", choices=("auto", "csv", "parquet"), default="auto")
     parser.add_argument("--conf", action="append", default=[], metavar="KEY=VALUE",
                         help="Spark configuration (repeatable)")  # fmt: skip
+    parser.add_argument("--reasons", type=int, default=0, choices=range(MAX_REASONS + 1),
+                        metavar="K", help=f"top-K reasons per row (0-{MAX_REASONS})")  # fmt: skip
     args = parser.parse_args(argv)
     setup_logging()
     logging.getLogger("py4j").setLevel(logging.WARNING)
@@ -364,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         check_local_inputs(args.inputs)
         summary = run_job(
             args.inputs, args.out, args.model or default_model(), args.master, conf,
-            input_format(args.inputs, args.format),
+            input_format(args.inputs, args.format), args.reasons,
         )  # fmt: skip
     except (JobError, LookupError, ValueError) as problem:
         print(f"score: {problem}", file=sys.stderr)

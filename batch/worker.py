@@ -16,7 +16,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from serving.contract import Contract
+from serving.contract import REASONS_COLUMN, Contract
+from serving.reasons import Explainer, as_text, reasons_for
 from serving.runtime import SklearnRuntime
 from serving.scoring import RequestError, risk_band, row_rules, rule_message
 
@@ -36,17 +37,31 @@ ADDED = pa.schema(
     ]
 )
 _runtimes: dict[str, SklearnRuntime] = {}  # one loaded model per Python worker
+_explainers: dict[str, Explainer] = {}
 
 
-def output_schema(input_schema: pa.Schema, features: list[str]) -> pa.Schema:
+def output_schema(input_schema: pa.Schema, features: list[str], reasons: int = 0) -> pa.Schema:
     """The input's columns (contract columns as float64, the checked values; Spark's
-    corrupt-record column dropped) followed by ADDED."""
+    corrupt-record column dropped) followed by ADDED (and the reasons' text when asked)."""
     fields = [
         pa.field(f.name, pa.float64()) if f.name in features else f
         for f in input_schema
         if f.name != CORRUPT
     ]
-    return pa.schema(fields + list(ADDED))
+    extra = [pa.field(REASONS_COLUMN, pa.string())] if reasons else []
+    return pa.schema(fields + list(ADDED) + extra)
+
+
+def _reasons(path: str, md5: str, k: int, rows: pd.DataFrame) -> list[str]:
+    """The service's reason codes (serving/reasons.py) of scored rows, as text."""
+    if md5 not in _explainers:
+        _runtime(path, md5)  # checks the file's md5 before anything unpickles it
+        _explainers[md5] = Explainer(path, tuple(rows.columns))
+    try:
+        explained, _ = reasons_for(_explainers[md5], k, rows)
+    except RequestError as problem:  # this model has none: every row says why
+        return [problem.body["error"]] * len(rows)
+    return [as_text(row) for row in explained]
 
 
 def _runtime(path: str, md5: str) -> SklearnRuntime:
@@ -65,7 +80,7 @@ def _raw_records(frame: pd.DataFrame, features: list[str]) -> np.ndarray:
 
 
 def score_batch(
-    batch: pa.RecordBatch, contract: Contract, model_path: str, model_md5: str
+    batch: pa.RecordBatch, contract: Contract, model_path: str, model_md5: str, reasons: int = 0
 ) -> pa.RecordBatch:
     """One batch: good rows scored, every other row named with the first rule it breaks."""
     features = contract.feature_names
@@ -85,9 +100,12 @@ def score_batch(
     good = np.array([r is None for r in rule], dtype=bool)
     rejected = ~good
     probability = np.full(n, np.nan)
+    explained = np.full(n, None, dtype=object)
     if good.any():
         rows = pd.DataFrame(matrix[good], columns=features)
         probability[good] = _runtime(model_path, model_md5).probability(rows)
+        if reasons:
+            explained[good] = _reasons(model_path, model_md5, reasons, rows)
     bands = np.full(n, None, dtype=object)
     bands[good] = risk_band(probability[good], contract.risk_bands)
     reason = np.full(n, None, dtype=object)
@@ -100,7 +118,7 @@ def score_batch(
     unfilled = rejected & np.array([r is None for r in raw], dtype=bool)
     if unfilled.any():
         raw[unfilled] = _raw_records(frame.loc[unfilled], features)
-    schema = output_schema(batch.schema, features)
+    schema = output_schema(batch.schema, features, reasons)
     columns = {
         f.name: frame[f.name] for f in batch.schema if f.name not in features and f.name != CORRUPT
     }
@@ -113,13 +131,18 @@ def score_batch(
         reject_column=column,
         reject_reason=reason,
         raw_record=raw,
+        **({REASONS_COLUMN: explained} if reasons else {}),
     )
     arrays = [pa.array(columns[f.name], type=f.type, from_pandas=True) for f in schema]
     return pa.RecordBatch.from_arrays(arrays, schema=schema)
 
 
 def score_batches(
-    batches: Iterator[pa.RecordBatch], contract: Contract, model_path: str, model_md5: str
+    batches: Iterator[pa.RecordBatch],
+    contract: Contract,
+    model_path: str,
+    model_md5: str,
+    reasons: int = 0,
 ) -> Iterator[pa.RecordBatch]:
     for batch in batches:
-        yield score_batch(batch, contract, model_path, model_md5)
+        yield score_batch(batch, contract, model_path, model_md5, reasons)

@@ -29,8 +29,8 @@ from stages.lib.schema import FEATURES
 from stages.lib.servers import start_bento, stop
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench/results/reasons.json"
-DOC = ROOT / "docs/benchmarks/reasons.md"
+RESULTS = ROOT / "bench" / "results" / "reasons.json"
+DOC = ROOT / "docs" / "benchmarks" / "reasons.md"
 K = 3
 
 
@@ -56,7 +56,12 @@ def in_process(bento: Path, test: pd.DataFrame) -> dict:
 
 
 def over_http(bento: Path, test: pd.DataFrame) -> dict:
-    env = {**os.environ, **project_env(ROOT), "FRAUD_DECISIONS_URL": "off"}
+    env = {
+        **os.environ,
+        **project_env(ROOT),
+        "FRAUD_DECISIONS_URL": "off",
+        "FRAUD_MAX_REASON_ROWS": "10000",
+    }  # the 10,000-row file
     one = test.head(1).to_dict(orient="records")
     work = Path(tempfile.mkdtemp(prefix="bench-reasons-"))
     cases: list[dict] = []

@@ -25,6 +25,9 @@ OUTPUT_COLUMNS = tuple(OUTPUT_TYPES)
 # Added only when a request asks for reason codes (serving/reasons.py): per row, the top-k
 # features by contribution (JSON: a list of objects; files: text such as "V14 = -9.1 (+2.3)").
 REASONS_COLUMN = "reasons"
+# The champion's model card (stages/lib/model_card.py), beside the contract in the Bento's
+# model and attached to the registered version in MLflow; served at /model-card.
+CARD_JSON, CARD_MD = "model_card.json", "model_card.md"
 # A transaction's id: the client's (JSON field, file column, or a Parquet file's index), or
 # "<request id>:<row>" assigned by the service; echoed in every output, the key of the
 # decision log and of the labels that come back.

@@ -19,8 +19,8 @@ section 6.3 asks: a proxy in front may have read the body the other way), and at
 one Authorization header (400: which one a proxy checked is anyone's guess).
 
 No answer redirects to a Location built from the client's Host header: `/schema` answers
-as `/schema/`, `/docs` as the docs page at `/`, `/predict/` as `/predict`, and any other
-redirect's Location is cut to its path.
+as `/schema/` (`/model-card` as `/model-card/`), `/docs` as the docs page at `/`,
+`/predict/` as `/predict`, and any other redirect's Location is cut to its path.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ CHUNK = 64 * 1024
 MAX_PARTS = 8
 MAX_FIELD_BYTES = 1024  # a text field (output_format, threshold)
 MAX_FILENAME_BYTES = 255
-ALIASES = {"/schema": "/schema/", "/docs": "/"}
+ALIASES = {"/schema": "/schema/", "/model-card": "/model-card/", "/docs": "/"}
 # Browsers send ~10-20 headers and under 8 KiB; h11 already stops a block that arrives in
 # pieces at 16 KiB, these also hold for one sent in a single write.
 MAX_HEADERS = 64

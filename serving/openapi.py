@@ -99,33 +99,42 @@ def describe(spec: dict[str, Any], contract: Contract, settings: Settings) -> di
     spec.setdefault("components", {}).setdefault("schemas", {})["Error"] = ERROR
     predict = spec["paths"]["/predict"]["post"]
     upload = spec["paths"]["/predict_file"]["post"]
+    explain = spec["paths"]["/explain"]["post"]
     _describe_predict(predict, contract, settings)
+    _describe_explain(explain, contract, settings)
     _describe_upload(upload, settings)
-    for operation, extra in ((predict, {}), (upload, {"503": "the file scorer restarted"})):
+    for operation, extra in ((predict, {}), (explain, {}),
+                             (upload, {"503": "the file scorer restarted"})):  # fmt: skip
         _describe_statuses(operation, extra, settings)
     if settings.api_key is not None:
         spec["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
-        for operation in (predict, upload):
+        for operation in (predict, explain, upload):
             operation["security"] = [{"bearer": []}]
     return spec
 
 
-def _describe_predict(predict: dict[str, Any], contract: Contract, settings: Settings) -> None:
-    predict["requestBody"]["required"] = True
-    predict["requestBody"]["content"]["application/json"]["schema"] = {
+def _json_request(operation: dict[str, Any], contract: Contract, settings: Settings,
+                  max_rows: int, fields: dict[str, Any]) -> None:  # fmt: skip
+    """A JSON body of `transactions` (each a contract row, at most max_rows) and `fields`."""
+    operation["requestBody"]["required"] = True
+    operation["requestBody"]["content"]["application/json"]["schema"] = {
         "type": "object",
         "required": ["transactions"],
         "properties": {
             "transactions": {
                 "type": "array",
                 "minItems": 1,
-                "maxItems": settings.max_json_rows,
+                "maxItems": max_rows,
                 "items": transaction_schema(contract, settings.unknown_columns),
             },
-            "threshold": THRESHOLD,
-            "reasons": REASONS,
+            **fields,
         },
     }
+
+
+def _describe_predict(predict: dict[str, Any], contract: Contract, settings: Settings) -> None:
+    _json_request(predict, contract, settings, settings.max_json_rows,
+                  {"threshold": THRESHOLD, "reasons": REASONS})  # fmt: skip
     predict["responses"]["200"]["content"]["application/json"]["schema"] = {
         "type": "object",
         "required": ["predictions", "threshold", "model_tag", "request_id"],
@@ -147,6 +156,26 @@ def _describe_predict(predict: dict[str, Any], contract: Contract, settings: Set
             "request_id": {"type": "string"},
             "lineage": {"type": "object"},
             "reasons_unit": {"type": "string", "enum": ["log-odds", "probability"]},
+        },
+    }  # fmt: skip
+
+
+def _describe_explain(explain: dict[str, Any], contract: Contract, settings: Settings) -> None:
+    reasons = {**REASONS, "minimum": 1, "nullable": False, "default": 3}
+    _json_request(explain, contract, settings, settings.max_reason_rows, {"reasons": reasons})
+    explain["responses"]["200"]["content"]["application/json"]["schema"] = {
+        "type": "object",
+        "required": ["explanations", "reasons_unit", "model_tag", "request_id"],
+        "properties": {
+            "explanations": {"type": "array", "items": {
+                "type": "object",
+                "required": [ID_COLUMN, REASONS_COLUMN],
+                "properties": {ID_COLUMN: {"type": "string"},
+                               REASONS_COLUMN: {"type": "array", "items": REASON}},
+            }},
+            "reasons_unit": {"type": "string", "enum": ["log-odds", "probability"]},
+            "model_tag": {"type": "string"},
+            "request_id": {"type": "string"},
         },
     }  # fmt: skip
 

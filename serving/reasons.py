@@ -172,6 +172,8 @@ def _scored(model: Any) -> tuple[list[Any], str]:
     """The pipelines whose raw score is calibrated, and what that raw score is."""
     if type(model).__name__ == "CalibratedClassifierCV":  # Platt or isotonic on the margin
         return [model.calibrated_classifiers_[0].estimator.estimator], "decision_function"
+    if type(model).__name__ != "StackingClassifier":
+        raise NoReasons(f"a {type(model).__name__} is not a model the train stage builds")
     inner = model.estimators_[0].estimator  # StackingClassifier: Platt on logit(probability)
     if type(inner).__name__ == "VotingClassifier":
         return list(inner.estimators_), "average_probability"

@@ -30,7 +30,14 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from serving import connections, logs, metrics
-from serving.contract import ID_COLUMN, REASONS_COLUMN, Limits, PublishedContract
+from serving.contract import (
+    CARD_JSON,
+    CARD_MD,
+    ID_COLUMN,
+    REASONS_COLUMN,
+    Limits,
+    PublishedContract,
+)
 from serving.decisions import DecisionLog, Decisions, commit_or_refuse
 from serving.drift import DriftWindow
 from serving.feedback import labels_from_csv, labels_from_json
@@ -103,6 +110,20 @@ async def _schema(request: Request) -> Response:
 
 
 schema_app = Starlette(routes=[Route("/", _schema, methods=["GET"])])
+
+
+async def _model_card(request: Request) -> Response:
+    """The served model's card (JSON; ?format=md for Markdown), open like /schema."""
+    markdown = request.query_params.get("format") == "md"
+    path = Path(STORED_MODEL.path_of(CARD_MD if markdown else CARD_JSON))
+    if not path.is_file():  # a model packaged before cards existed
+        return JSONResponse({"error": "this model has no model card", "rule": "model-card"},
+                            status_code=404)  # fmt: skip
+    media = "text/markdown; charset=utf-8" if markdown else "application/json"
+    return Response(path.read_bytes(), media_type=media)
+
+
+model_card_app = Starlette(routes=[Route("/", _model_card, methods=["GET"])])
 # This worker's decision log (set when the service starts; None when it is off).
 DECISION_LOG: dict[str, DecisionLog | None] = {"log": None}
 
@@ -148,6 +169,7 @@ feedback_app = Starlette(routes=[Route("/", _feedback, methods=["POST"])])
 
 
 @bentoml.asgi_app(schema_app, path="/schema")
+@bentoml.asgi_app(model_card_app, path="/model-card")
 @bentoml.asgi_app(feedback_app, path="/feedback")
 @bentoml.service(
     name="fraud_scoring",
@@ -286,6 +308,9 @@ class FraudScoring:
             give_back_soon()  # a big body's objects, freed after the answer
         try:
             cut = self._check_threshold(threshold)
+            if reasons == 0:
+                raise RequestError(400, "reasons", "/explain needs reasons from 1 to 10",
+                                   column="reasons")  # fmt: skip
             k = check_request(reasons, len(transactions), SETTINGS.max_reason_rows)
             check_objects(transactions)  # before the row cap: a schema error is a 400
             if len(transactions) > SETTINGS.max_json_rows:
@@ -317,6 +342,38 @@ class FraudScoring:
         # A Response goes out as it is; a dict would make BentoML rebuild the output's
         # JSON schema on every call to pick a media type (~15% of a one-row request).
         return JSONResponse({"predictions": predictions, **meta})
+
+    @bentoml.api(route="/explain")
+    def explain(
+        self,
+        transactions: list[Any],  # Any, as in /predict: checked in validate_records
+        ctx: bentoml.Context,
+        reasons: StrictInt = 3,
+    ) -> dict[str, Any]:
+        """Reason codes of already-scored transactions (the UI's flagged rows), nothing else:
+        no score, no decision logged (a second decision for an id would count twice)."""
+        request_id = uuid.uuid4().hex[:12]
+        try:
+            if reasons == 0:
+                raise RequestError(400, "reasons", "/explain needs reasons from 1 to 10",
+                                   column="reasons")  # fmt: skip
+            k = check_request(reasons, len(transactions), SETTINGS.max_reason_rows)
+            check_objects(transactions)
+            features = validate_records(
+                transactions, CONTRACT, SETTINGS.unknown_columns, SETTINGS.max_reason_rows
+            )
+            given = [r.get(ID_COLUMN) for r in transactions]
+            ids = transaction_ids(given if any(v is not None for v in given) else None,
+                                  len(transactions), request_id)  # fmt: skip
+            explained, unit = reasons_for(self.explainer, k, features)
+        except RequestError as exc:
+            return self._reject(ctx, exc, request_id)
+        log.info("request %s explained %d rows", request_id, len(features))
+        rows = [{ID_COLUMN: i, REASONS_COLUMN: r} for i, r in zip(ids.tolist(), explained,
+                                                                 strict=True)]  # fmt: skip
+        tag = str(STORED_MODEL.tag)
+        return JSONResponse({"explanations": rows, "reasons_unit": unit, "model_tag": tag,
+                             "request_id": request_id})  # fmt: skip
 
     @bentoml.api(route="/predict_file")
     async def predict_file(
@@ -406,6 +463,7 @@ FraudScoring.add_asgi_middleware(
     RequestGate,
     routes={
         "/predict": RouteRule("application/json", SETTINGS.max_json_bytes),
+        "/explain": RouteRule("application/json", SETTINGS.max_json_bytes),
         "/predict_file": RouteRule(
             "multipart/form-data",
             SETTINGS.max_bytes,

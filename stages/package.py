@@ -20,7 +20,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from serving.contract import CompiledSpec, Contract, Lineage, Runtime
+from serving.contract import CARD_JSON, CARD_MD, CompiledSpec, Contract, Lineage, Runtime
 from serving.sealed import SEAL
 from stages.lib.compiled import INPUT, OUTPUT, NotCompilable, compile_model, verify
 from stages.lib.contract import build_contract
@@ -135,13 +135,30 @@ def build_contract_for(
     return build_contract(train, test, scores, champion, cfg, runtime), compiled
 
 
-def store_model(tag_name: str, model_file: Path, contract: Contract, compiled: bytes | None) -> Any:
+def model_card_for(
+    model: Any, model_file: Path, contract: Contract, split: Path
+) -> dict[str, bytes]:
+    """model_card.json and model_card.md (stages/lib/model_card.py) of the champion."""
+    from stages.lib import model_card
+    from stages.lib.registry import training_run
+
+    lineage = contract.lineage
+    test = pd.read_parquet(split / "test.parquet")
+    budget = int(stage_params("evaluate")["evaluate"]["review_budget"])
+    run = training_run(lineage.registered_model, lineage.model_md5)
+    card = model_card.build(contract, model_file, split, fraud_probability(model, test), run,
+                            budget)  # fmt: skip
+    return {CARD_JSON: model_card.to_json(card), CARD_MD: model_card.to_markdown(card).encode()}
+
+
+def store_model(tag_name: str, model_file: Path, contract: Contract, compiled: bytes | None,
+                card: dict[str, bytes]) -> Any:  # fmt: skip
     """The BentoML model of these exact bytes (its version is their hash), made once."""
     import bentoml
     from bentoml.exceptions import NotFound
 
     contract_bytes = contract.to_json()
-    files = {"model.pkl": model_file.read_bytes(), "contract.json": contract_bytes}
+    files = {"model.pkl": model_file.read_bytes(), "contract.json": contract_bytes, **card}
     if compiled is not None:
         files[contract.runtime.onnx.file] = compiled
     # model.yaml pins every file the service loads (serving/sealed.py checks it first).
@@ -194,11 +211,12 @@ def export_folder(bento_tag: Any, out: Path) -> None:
     staging.rename(out)
 
 
-def record_in_registry(contract: Contract, bento: Any, stored: Any, serving: Path) -> None:
-    """Tag the registered version with what serves it, and attach the contract and this
-    Bento's scoring code to it."""
+def record_in_registry(contract: Contract, bento: Any, stored: Any, serving: Path,
+                       card: dict[str, bytes]) -> None:  # fmt: skip
+    """Tag the registered version with what serves it, and attach the contract, the model
+    card and this Bento's scoring code to it."""
     from serving.mlflow_model import SHIPPED
-    from stages.lib.registry import attach_scoring_code, tag_version
+    from stages.lib.registry import attach_model_card, attach_scoring_code, tag_version
 
     name, md5 = contract.lineage.registered_model, contract.lineage.model_md5
     check = contract.runtime.onnx
@@ -223,6 +241,7 @@ def record_in_registry(contract: Contract, bento: Any, stored: Any, serving: Pat
     # The version's pyfunc runs this Bento's serving code, not that of the run that
     # first logged this model file (a retrained identical file keeps its version).
     attach_scoring_code(name, md5, [serving / file for file in SHIPPED])
+    attach_model_card(name, md5, card[CARD_JSON], card[CARD_MD])
 
 
 def main() -> None:
@@ -238,13 +257,14 @@ def main() -> None:
         model_file = download_model(name, "champion", md5)
         model = load_model(model_file)
         contract, compiled = build_contract_for(model, champion, paths.split, cfg)
-        stored = store_model(cfg["model_name"], model_file, contract, compiled)
+        card = model_card_for(model, model_file, contract, paths.split)
+        stored = store_model(cfg["model_name"], model_file, contract, compiled, card)
         log.info("champion %s (md5 %s) stored as %s", name, md5, stored.tag)
         serving = (workspace_root() / paths.serving).resolve()
         bento = build_bento(serving, str(stored.tag), contract.lineage)
         log.info("bento %s", bento.tag)
         export_folder(bento.tag, (workspace_root() / paths.out).resolve())
-        record_in_registry(contract, bento, stored, serving)
+        record_in_registry(contract, bento, stored, serving, card)
 
 
 if __name__ == "__main__":

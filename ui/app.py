@@ -18,7 +18,7 @@ import pandas as pd
 import streamlit as st
 
 from serving.contract import ID_COLUMN
-from ui import client, performance, review
+from ui import client, performance, reasons, review
 
 SAMPLE = Path(__file__).resolve().parent / "sample_transactions.csv"
 TOP_N = 20
@@ -54,7 +54,9 @@ with st.sidebar:
         st.markdown(
             f"**Model** `{lineage.registered_model}` champion `{contract.model_tag}`  \n"
             f"family `{lineage.model_family}`, model md5 `{lineage.model_md5[:12]}`  \n"
-            f"training data md5 `{lineage.train_data_md5[:12]}`"
+            f"training data md5 `{lineage.train_data_md5[:12]}`  \n"
+            f"[Model card]({url}/model-card?format=md): data, metrics with intervals, "
+            "calibration, limits"
         )
         threshold = st.slider(
             "Decision threshold",
@@ -205,13 +207,23 @@ if result and contract:
             else:
                 st.info("Add a Class column to the file to see precision and recall.")
 
+        explained = reasons.reasons_of(scored, url, api_key, contract.feature_names)
+        why = {} if explained is None else dict(zip(explained[ID_COLUMN], explained["text"],
+                                                     strict=True))  # fmt: skip
         st.markdown(f"**Top {TOP_N} riskiest transactions**")
-        top = scored.nlargest(TOP_N, "fraud_probability")
-        first = [ID_COLUMN, "fraud_probability", "risk_band", "is_fraud", "Time", "Amount"]
-        first += ["Class"] if labels is not None else []
-        st.dataframe(
-            top[first + [c for c in top.columns if c not in first]], use_container_width=True
+        top = reasons.riskiest(scored, TOP_N).assign(
+            reasons=lambda t: t[ID_COLUMN].astype(str).map(why)
         )
+        first = [ID_COLUMN, "fraud_probability", "risk_band", "is_fraud", "reasons", "Time",
+                 "Amount"] + (["Class"] if labels is not None else [])  # fmt: skip
+        st.dataframe(
+            top[first + [c for c in top.columns if c not in first]], use_container_width=True,
+            column_config={"reasons": st.column_config.TextColumn(
+                "reasons", help="features by contribution to the score: value (contribution)",
+                width="large")},
+        )  # fmt: skip
+        if explained is not None:
+            reasons.chart(explained, set(scored.loc[scored["is_fraud"], ID_COLUMN].astype(str)))
 
         stem = Path(name).stem
         parquet = io.BytesIO()
@@ -229,6 +241,6 @@ if result and contract:
             file_name=f"{stem}_scored.parquet",
             mime="application/vnd.apache.parquet",
         )
-        review.render(scored, url, api_key)
+        review.render(scored, url, api_key, why)
 
 performance.render(prometheus)

@@ -21,7 +21,8 @@ from urllib3.util import Retry
 # The contract check is the service's own module (it needs numpy, pandas, pyarrow, pydantic):
 # the UI refuses a file for exactly the reasons, and with the words, the service would.
 from serving import scoring
-from serving.contract import ID_COLUMN, Costs, PublishedContract
+from serving.contract import ID_COLUMN, REASONS_COLUMN, Costs, PublishedContract
+from serving.reasons import as_text
 
 RETRIES = 3
 
@@ -250,6 +251,38 @@ def send_labels(
     if response is None or response.status_code != 200:
         raise ServiceError(_explain(exc, response, url))
     return response.json()
+
+
+def explain(
+    url: str, rows: pd.DataFrame, features: list[str], api_key: str | None = None,
+    reasons: int = 3, timeout: float = 120,
+) -> pd.DataFrame:  # fmt: skip
+    """The service's reason codes (/explain: no decision is logged again) of `rows`, which
+    carry their transaction ids: a frame of transaction_id, reasons (the list of
+    {feature, value, contribution}) and text (`V14 = -9.1 (+2.3); ...`)."""
+    records = rows[[ID_COLUMN, *features]].astype({ID_COLUMN: str}).to_dict(orient="records")
+    exc, response = None, None
+    try:
+        response = requests.post(f"{url}/explain", timeout=timeout, headers=_headers(api_key),
+                                 json={"transactions": records, "reasons": reasons})  # fmt: skip
+    except requests.RequestException as error:
+        exc = error
+    if response is None or response.status_code != 200:
+        raise ServiceError(_explain(exc, response, url))
+    explained = pd.DataFrame(response.json()["explanations"])
+    explained["text"] = explained[REASONS_COLUMN].map(as_text)
+    return explained
+
+
+def top_reasons(explained: pd.DataFrame) -> pd.DataFrame:
+    """How often each feature is among the rows' reasons, and its mean contribution there:
+    what drives the explained rows, most frequent first."""
+    pairs = [(r["feature"], r["contribution"]) for row in explained[REASONS_COLUMN] for r in row]
+    if not pairs:
+        return pd.DataFrame(columns=["feature", "rows", "mean_contribution"])
+    table = pd.DataFrame(pairs, columns=["feature", "contribution"])
+    summary = table.groupby("feature")["contribution"].agg(rows="size", mean_contribution="mean")
+    return summary.reset_index().sort_values(["rows", "feature"], ascending=[False, True])
 
 
 # The realised and estimated alert precision the service publishes (serving/performance.py),

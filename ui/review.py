@@ -30,7 +30,8 @@ def verdicts(ids: list[str], chosen: dict[str, str]) -> list[dict]:
     ]
 
 
-def render(scored: pd.DataFrame, url: str, api_key: str | None) -> None:
+def render(scored: pd.DataFrame, url: str, api_key: str | None, why: dict[str, str]) -> None:
+    """The queue; `why` gives each explained row's reason codes as text."""
     st.subheader("Review queue")
     if said := st.session_state.pop("review_answer", None):  # the last send's outcome
         st.success(said)
@@ -51,7 +52,7 @@ def render(scored: pd.DataFrame, url: str, api_key: str | None) -> None:
             left, right = st.columns([2, 3])
             left.markdown(
                 f"`{tid}`  \np = **{row.fraud_probability:.4f}** ({row.risk_band}), "
-                f"amount {row.Amount:,.2f}"
+                f"amount {row.Amount:,.2f}" + (f"  \n{why[tid]}" if tid in why else "")
             )
             right.radio("verdict", list(VERDICTS), key=f"verdict:{tid}", horizontal=True,
                         label_visibility="collapsed")  # fmt: skip

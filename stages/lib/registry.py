@@ -298,3 +298,31 @@ def attach_scoring_code(name: str, md5: str, files: list[Path]) -> None:
             for file in files:
                 shutil.copyfile(file, code / file.name)
             client.log_model_artifacts(model_id, scratch, artifact_path="code")
+
+
+def training_run(name: str, md5: str) -> dict[str, dict]:
+    """The metrics and tags of the run that trained this registered model file (for its
+    model card); empty when the registry has no version of it."""
+    version = version_for(name, md5)
+    if version is None:
+        return {"metrics": {}, "tags": {}}
+    run = MlflowClient().get_run(version.run_id)
+    return {"metrics": dict(run.data.metrics), "tags": dict(run.data.tags)}
+
+
+CARD_FOLDER = "model_card"  # in the version's run, beside contracts/
+
+
+def attach_model_card(name: str, md5: str, card_json: bytes, card_md: bytes) -> None:
+    """The model card on every registered version of this model file: both files in its
+    run (model_card/), the Markdown as the version's description (what the MLflow UI shows
+    for the version) and its md5 as a tag."""
+    from serving.contract import CARD_JSON, CARD_MD
+
+    client = MlflowClient()
+    for version in client.search_model_versions(f"name = '{name}' and tags.model_md5 = '{md5}'"):
+        client.log_text(version.run_id, card_json.decode(), f"{CARD_FOLDER}/{CARD_JSON}")
+        client.log_text(version.run_id, card_md.decode(), f"{CARD_FOLDER}/{CARD_MD}")
+        client.update_model_version(name, version.version, description=card_md.decode())
+        client.set_model_version_tag(name, version.version, "model_card_md5",
+                                     hashlib.md5(card_json).hexdigest())  # fmt: skip

@@ -290,6 +290,8 @@ def check_service(block: Block, ws: Path, env: dict[str, str], output: str) -> N
         path = ws / name
         frame = pd.read_parquet(path) if name.endswith(".parquet") else pd.read_csv(path)
         assert {"fraud_probability", "is_fraud", "risk_band"} <= set(frame.columns), name
+        if "reasons" in name:  # each row's 3 reason codes, as text
+            assert frame["reasons"].str.count(";").eq(2).all(), name
 
 
 def check_loop(block: Block, ws: Path, env: dict[str, str], output: str) -> None:

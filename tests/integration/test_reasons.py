@@ -1,14 +1,17 @@
 """Reason codes through `bentoml serve` of the session's Bento: JSON and files (in the worker
 and in the file lane) give each row the top-k reasons the stored model's exact attribution
-gives in-process; bad or over-large asks get a 4xx and record no decision."""
+gives in-process; bad or over-large asks get a 4xx and record no decision. The model card
+served at /model-card is the Bento's and the registered version's in MLflow."""
 
 from __future__ import annotations
 
 import io
+import json
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
+import mlflow
 import pandas as pd
 import pytest
 import requests
@@ -116,3 +119,47 @@ def test_too_many_rows_for_reasons_is_a_413_and_records_nothing(served, rows) ->
     fine = requests.post(f"{url}/predict", timeout=60,
                          json={"transactions": many.to_dict(orient="records")})  # fmt: skip
     assert fine.status_code == 200  # the cap is for reasons only
+
+
+def test_explain_gives_the_reasons_and_logs_nothing(served, rows, explainer) -> None:
+    url, data = served
+    part = rows.head(5).assign(transaction_id=[f"x-{i}" for i in range(5)])
+    before = _decisions(data)
+    records = part.to_dict(orient="records")
+    answer = requests.post(f"{url}/explain", timeout=60,
+                           json={"transactions": records, "reasons": 4})  # fmt: skip
+    assert answer.status_code == 200, answer.text
+    explained = answer.json()["explanations"]
+    assert [e["transaction_id"] for e in explained] == part["transaction_id"].tolist()
+    assert [e["reasons"] for e in explained] == explainer.explain(part).top(4)
+    assert _decisions(data) == before
+    zero = requests.post(f"{url}/explain", timeout=60,
+                         json={"transactions": records, "reasons": 0})  # fmt: skip
+    assert zero.status_code == 400 and zero.json()["rule"] == "reasons"
+
+
+def test_the_model_card_is_the_bentos_and_the_registrys(served, built) -> None:
+    url, _ = served
+    ws, env = built
+    card = requests.get(f"{url}/model-card", timeout=10)
+    text = requests.get(f"{url}/model-card?format=md", timeout=10)
+    assert card.status_code == text.status_code == 200
+    assert text.headers["content-type"].startswith("text/markdown")
+    (folder,) = (card.parent for card in bento_dir(ws).glob("models/fraud_model/*/contract.json"))
+    assert card.content == (folder / "model_card.json").read_bytes()
+    assert text.content == (folder / "model_card.md").read_bytes()
+    body = card.json()
+    evaluated = json.loads((ws / "metrics/evaluate.json").read_text())
+    for name in ("average_precision", "roc_auc", "recall_at_1pct_fpr"):  # evaluate's figures
+        assert body["test_metrics"][name]["value"] == pytest.approx(evaluated[name], rel=1e-12)
+    assert body["test_metrics"]["cost"]["value"] == evaluated["expected_cost"]
+    champion = json.loads((ws / "models/champion.json").read_text())
+    client = mlflow.tracking.MlflowClient(env["MLFLOW_TRACKING_URI"])
+    (version,) = client.search_model_versions(
+        f"name = '{champion['registered_model']}' and tags.model_md5 = '{champion['model_md5']}'"
+    )
+    assert version.description == text.text  # what `mlflow` shows for the version
+    logged = mlflow.artifacts.download_artifacts(
+        run_id=version.run_id, artifact_path="model_card/model_card.json",
+        tracking_uri=env["MLFLOW_TRACKING_URI"])  # fmt: skip
+    assert Path(logged).read_bytes() == card.content

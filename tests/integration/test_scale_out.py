@@ -140,18 +140,18 @@ def test_second_repro_against_the_server_is_a_noop(team_workspace) -> None:
 FEATURES = ["Time", *[f"V{i}" for i in range(1, 29)], "Amount"]
 
 
-def _score(ws: Path, env: dict[str, str], inputs: list[str], out: Path) -> dict:
+def _score(ws: Path, env: dict[str, str], inputs: list[str], out: Path, *extra: str) -> dict:
     """`python -m batch.score` as a user types it; its summary file."""
-    run(["python", "-m", "batch.score", *inputs, "--out", str(out), "--master", "local[2]"],
-        ws, env, timeout=900)  # fmt: skip
+    run(["python", "-m", "batch.score", *inputs, "--out", str(out), "--master", "local[2]",
+         *extra], ws, env, timeout=900)  # fmt: skip
     return json.loads((out / "_summary.json").read_text())
 
 
-def _service_scores(url: str, path: Path) -> pd.DataFrame:
+def _service_scores(url: str, path: Path, **fields: str) -> pd.DataFrame:
     with open(path, "rb") as fh:
         response = requests.post(
             f"{url}/predict_file", timeout=120, files={"file": (path.name, fh)},
-            data={"output_format": "parquet"},
+            data={"output_format": "parquet", **fields},
         )  # fmt: skip
     assert response.status_code == 200, response.text
     return pd.read_parquet(io.BytesIO(response.content))
@@ -219,6 +219,24 @@ def test_spark_scores_the_real_format_like_the_service(
     service = _service_scores(served, csv / "creditcard.csv")
     diff = _by_content(spark)["fraud_probability"] - _by_content(service)["fraud_probability"]
     assert diff.abs().max() <= 1e-9
+
+
+def test_spark_gives_the_services_reason_codes(java, team_workspace, served, tmp_path) -> None:
+    ws, env = team_workspace
+    test = pd.read_parquet(ws / "data/split/test.parquet")
+    rows = pd.concat([test[test["Class"] == 1].head(10), test.head(30)], ignore_index=True)
+    (tmp_path / "in").mkdir()
+    path = tmp_path / "in" / "rows.parquet"
+    rows.to_parquet(path, index=False)
+    summary = _score(ws, env, [str(path)], tmp_path / "out", "--reasons", "2")
+    assert summary["scored"] == len(rows)
+    spark = pd.read_parquet(tmp_path / "out" / "scored")
+    service = _service_scores(served, path, reasons="2")
+    key = [*FEATURES, "fraud_probability"]
+    by_spark = spark.sort_values(key, ignore_index=True)["reasons"]
+    by_service = service.astype({c: "float64" for c in key}).sort_values(key, ignore_index=True)
+    assert by_spark.tolist() == by_service["reasons"].tolist()
+    assert by_spark.str.count(";").eq(1).all()  # two reasons each
 
 
 BAD_LINES = {  # a line of the real format with one problem each, and the rule it breaks

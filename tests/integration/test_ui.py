@@ -210,6 +210,28 @@ def test_app_scores_the_sample(service, contract, monkeypatch) -> None:
     assert _metrics(at)["Flagged"] == "1,000"
 
 
+def _served_reasons(url: str, rows: pd.DataFrame, contract: PublishedContract) -> dict[str, str]:
+    """The service's own reason codes (/explain) of rows with their ids, as text."""
+    explained = client.explain(url, rows, contract.feature_names)
+    return dict(zip(explained["transaction_id"], explained["text"], strict=True))
+
+
+def test_app_shows_the_reasons_of_the_riskiest_rows(service, contract, monkeypatch) -> None:
+    at = _app(service["url"], monkeypatch).run()
+    at.button[0].click().run()  # "Try a sample"
+    assert not at.exception and not at.error and not at.warning
+    (table,) = [d.value for d in at.dataframe]
+    assert len(table) == 20 and table["reasons"].notna().all()
+    served = _served_reasons(service["url"], table, contract)
+    assert table["reasons"].tolist() == [served[str(i)] for i in table["transaction_id"]]
+    assert table["reasons"].str.fullmatch(r"([\w]+ = \S+ \([+-]\S+\)(; )?){3}").all()
+    texts = " ".join(m.value for m in at.markdown)
+    assert "What drives the" in texts  # the chart of the flagged rows' reasons
+    first_in_queue = next(r.key.removeprefix("verdict:") for r in at.radio
+                          if r.key.startswith("verdict:"))  # fmt: skip
+    assert served[first_in_queue] in texts  # the queue shows each row's reasons
+
+
 def _labels(service: dict) -> dict[str, bool]:
     """The labels the service stored (its decision log in its BentoML home)."""
     database = Path(service["env"]["BENTOML_HOME"]) / "fraud_data" / "decisions.db"
@@ -314,6 +336,9 @@ def test_browser_end_to_end(service, tmp_path) -> None:
         score = wait.until(ec.element_to_be_clickable((By.XPATH, "//button[.//p[text()='Score']]")))
         score.click()
         wait.until(ec.text_to_be_present_in_element((By.TAG_NAME, "body"), "Top 20 riskiest"))
+        # The reasons: the chart of what drives the flagged rows, and each queued row's
+        # reasons as the service gives them.
+        wait.until(ec.text_to_be_present_in_element((By.TAG_NAME, "body"), "What drives the"))
         time.sleep(2)  # let the charts draw before the screenshot
         metrics = {
             m.find_element(By.CSS_SELECTOR, "[data-testid=stMetricLabel]").text: m.find_element(
@@ -330,11 +355,19 @@ def test_browser_end_to_end(service, tmp_path) -> None:
         height = driver.execute_script("return document.body.scrollHeight")
         driver.set_window_size(1400, max(2200, height + 200))
         driver.save_screenshot(str(ARTIFACTS / "ui_scored.png"))
+        scored = pd.read_csv(upload).assign(transaction_id=None)
+        first_id = driver.find_element(
+            By.XPATH, "(//div[@data-testid='stRadio'])[1]/ancestor::div[@data-testid="
+            "'stHorizontalBlock'][1]//code").text  # fmt: skip
+        position = int(first_id.rsplit(":", 1)[1])
+        scored = scored.iloc[[position]].assign(transaction_id=first_id)
+        reason = _served_reasons(service["url"], scored, contract)[first_id]
+        assert reason in driver.find_element(By.TAG_NAME, "body").text
         # The review queue: the riskiest flagged row marked fraud, sent as a label.
         verdict = driver.find_element(
             By.XPATH, "(//div[@data-testid='stRadio'])[1]//label[.//p[text()='fraud']]"
         )
-        driver.execute_script("arguments[0].scrollIntoView();", verdict)
+        driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", verdict)
         verdict.click()
         driver.find_element(By.XPATH, "//button[.//p[text()='Send verdicts']]").click()
         wait.until(ec.text_to_be_present_in_element((By.TAG_NAME, "body"), "Sent 1 verdict: "))

@@ -35,6 +35,7 @@ def bentoml_skeleton() -> dict:
         "responses": {"200": {"content": {"text/csv": {}}}, "404": {}},
     }
     return {"openapi": "3.0.2", "paths": {"/predict": {"post": json_op()},
+                                          "/explain": {"post": json_op()},
                                           "/predict_file": {"post": upload}}}  # fmt: skip
 
 
@@ -57,7 +58,7 @@ def test_statuses_promise_no_500_and_401_only_with_a_key(contract) -> None:
     open_doc = describe(bentoml_skeleton(), contract, Settings.from_env({}))
     keyed = describe(bentoml_skeleton(), contract, Settings.from_env({"FRAUD_API_KEY": "k"}))
     for doc in (open_doc, keyed):
-        for route in ("/predict", "/predict_file"):
+        for route in ("/predict", "/explain", "/predict_file"):
             responses = doc["paths"][route]["post"]["responses"]
             assert "500" not in responses and "404" not in responses
             assert {"400", "413", "415", "422", "429"} <= responses.keys()
