@@ -187,8 +187,7 @@ def to_markdown(card: dict[str, Any]) -> str:
              "| probability bin | rows | mean probability | fraud rate |", "|---|---:|---:|---:|",
              *[f"| {c['from']:g} - {c['to']:g} | {c['rows']:,} | {c['mean_probability']:.4g} | "
                f"{c['fraud_rate']:.4g} |" for c in card["calibration"]], "",
-             "## Search", "", f"Chosen: {card['search']['chosen']} (CV AP "
-             f"{card['search']['cv_average_precision']}).", "",
+             "## Search", "", _search_text(card["search"]), "",
              "| family | best CV AP |", "|---|---:|",
              *[f"| {f} | {ap:.4f} |" for f, ap in card["search"]["families"].items()], "",
              "## Compiled runtime", "", _runtime_text(card["compiled_runtime"]), "",
@@ -215,3 +214,9 @@ def _importance_lines(found: dict[str, Any]) -> list[str]:
             "| feature | mean abs contribution |", "|---|---:|",
             *[f"| {f['feature']} | {f['mean_abs_contribution']:.4g} |"
               for f in found["features"][:15]]]  # fmt: skip
+
+
+def _search_text(search: dict[str, Any]) -> str:
+    best = search["cv_average_precision"]
+    return f"Chosen: {search['chosen']}" + (f" (CV AP {best:.4f})." if best is not None else ".")
+
