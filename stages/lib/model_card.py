@@ -219,4 +219,3 @@ def _importance_lines(found: dict[str, Any]) -> list[str]:
 def _search_text(search: dict[str, Any]) -> str:
     best = search["cv_average_precision"]
     return f"Chosen: {search['chosen']}" + (f" (CV AP {best:.4f})." if best is not None else ".")
-
