@@ -308,9 +308,6 @@ class FraudScoring:
             give_back_soon()  # a big body's objects, freed after the answer
         try:
             cut = self._check_threshold(threshold)
-            if reasons == 0:
-                raise RequestError(400, "reasons", "/explain needs reasons from 1 to 10",
-                                   column="reasons")  # fmt: skip
             k = check_request(reasons, len(transactions), SETTINGS.max_reason_rows)
             check_objects(transactions)  # before the row cap: a schema error is a 400
             if len(transactions) > SETTINGS.max_json_rows:

@@ -32,6 +32,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger("fraudops")
 
@@ -146,6 +147,7 @@ def mark_killed(stage_pid: int, run_id: str, timeout: float = 60.0) -> None:
     while run_id:
         try:
             run = client.get_run(run_id)
+            _kill_running_children(client, run)
             if run.info.status == "RUNNING":
                 client.set_terminated(run_id, "KILLED")
         except Exception:
@@ -154,6 +156,19 @@ def mark_killed(stage_pid: int, run_id: str, timeout: float = 60.0) -> None:
             time.sleep(1)  # the store is busy (another writer holds sqlite's lock)
             continue
         run_id = run.data.tags.get("mlflow.parentRunId")
+
+
+def _kill_running_children(client: Any, run: Any) -> None:
+    """End KILLED the nested runs of `run` still RUNNING. mlflow.active_run() names the
+    run on the stack, but a signal between a nested run's creation in the store and its
+    push on the stack (a search trial starting) left that trial RUNNING for good."""
+    found = client.search_runs(
+        [run.info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{run.info.run_id}' "
+        "and attributes.status = 'RUNNING'",
+    )
+    for child in found:
+        client.set_terminated(child.info.run_id, "KILLED")
 
 
 def _stop(signum: int, _frame: object) -> None:

@@ -70,6 +70,8 @@ def test_json_rows_get_the_stored_models_exact_reasons(served, rows, explainer) 
     plain = requests.post(f"{url}/predict", timeout=60,
                           json={"transactions": part.to_dict(orient="records")}).json()  # fmt: skip
     assert "reasons" not in plain["predictions"][0] and "reasons_unit" not in plain
+    none = requests.post(f"{url}/predict", timeout=60, json={**ask, "reasons": 0})
+    assert none.status_code == 200 and "reasons" not in none.json()["predictions"][0]
     scores = [p["fraud_probability"] for p in plain["predictions"]]
     assert scores == [p["fraud_probability"] for p in body["predictions"]]
 
